@@ -1,0 +1,192 @@
+"""The process inside a sandbox container: the SDK's EnvironmentWorker on the one assigned work item.
+
+Its contract is its environment and stdin (see sandboxd.protocol): `ANTHROPIC_BASE_URL` in the
+environment, the assignment on stdin after start. It never holds the environment key unless the
+operator allowed it for items without a secret (then it arrives on stdin as `environment_key`).
+The worker claims the lease at once; the session fetch, and so every tool call, waits until the
+daemon says the workspace is ready. The exit status says how the item ended (`ExitCode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.abc
+import httpx2
+from anthropic import AsyncAnthropic
+from anthropic.lib.environments import EnvironmentWorker
+
+from .protocol import ABORT, ASSIGNMENT, WORKSPACE_READY, Assignment, ExitCode, parse_line
+from .transport import hooked_http_client, route
+
+log = logging.getLogger("sandboxd.sandbox")
+
+
+class _ItemWatch:
+    """What the worker's requests said about the item: lease refused, lost, or stopped."""
+
+    def __init__(self) -> None:
+        self.lease_lost = False
+        self.lease_rejected = False
+        self.stopped = False
+
+    def __call__(
+        self, request: httpx2.Request, response: httpx2.Response | None, exc: BaseException | None, took: float
+    ) -> None:
+        if response is None:
+            return
+        kind = route(request)
+        if kind == "heartbeat" and response.status_code == 412:
+            self.lease_lost = True
+        elif kind == "heartbeat" and 400 <= response.status_code < 500 and response.status_code not in (408, 429):
+            self.lease_rejected = True
+        elif kind == "stop" and (response.is_success or response.status_code == 409):
+            self.stopped = True
+
+
+class Sandbox:
+    """Serves one assignment: reads control messages, runs the worker, decides the exit code."""
+
+    def __init__(self, workdir: str, max_idle: float) -> None:
+        self.workdir = workdir
+        self.max_idle = max_idle
+        self.ready = anyio.Event()
+        self.abort_reason: str | None = None
+        self.cancelled = False
+        self.watch = _ItemWatch()
+        self._worker_scope = anyio.CancelScope()
+
+    async def _gate(self, request: httpx2.Request) -> None:
+        # The session fetch precedes skills and the tool runner: holding it holds every tool call,
+        # while the heartbeat (started before it) keeps the lease.
+        if request.method == "GET" and request.url.path.rstrip("/").rsplit("/", 2)[-2:-1] == ["sessions"]:
+            await self.ready.wait()
+
+    async def _read_control(self, lines: AsyncIterator[bytes]) -> None:
+        async for raw in lines:
+            message = parse_line(raw)
+            if message["type"] == WORKSPACE_READY:
+                log.info("workspace ready; tools may run")
+                self.ready.set()
+            elif message["type"] == ABORT:
+                self.abort_reason = str(message.get("reason") or "aborted by the daemon")
+                log.error("aborted by the daemon: %s", self.abort_reason)
+                self._worker_scope.cancel()
+                return
+        if not self.ready.is_set():
+            self.abort_reason = "the daemon went away before the workspace was ready"
+            log.error("%s", self.abort_reason)
+            self._worker_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.warning("received %s; stopping the session", signal.Signals(signum).name)
+                self.cancelled = True
+                self._worker_scope.cancel()
+                return
+
+    async def serve(self, assignment: Assignment, environment_key: str | None, lines: AsyncIterator[bytes]) -> ExitCode:
+        http_client, transport = hooked_http_client(gate=self._gate)
+        transport.observe(self.watch)
+        error: BaseException | None = None
+        async with AsyncAnthropic(
+            base_url=os.environ.get("ANTHROPIC_BASE_URL"), api_key=None, auth_token=None, http_client=http_client
+        ) as client, anyio.create_task_group() as tg:
+            tg.start_soon(self._read_control, lines, name="control")
+            tg.start_soon(self._watch_signals, name="signals")
+            worker = EnvironmentWorker(client, workdir=self.workdir, max_idle=self.max_idle)
+            with self._worker_scope:
+                try:
+                    await worker.handle_item(
+                        work_id=assignment.work_id,
+                        environment_id=assignment.environment_id,
+                        session_id=assignment.session_id,
+                        work_secret=assignment.secret,
+                        environment_key=environment_key,
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported through the exit code and the log
+                    error = exc
+                    log.error("worker failed: %s", _causes(exc))
+            tg.cancel_scope.cancel()
+        return self._exit_code(error)
+
+    def _exit_code(self, error: BaseException | None) -> ExitCode:
+        if self.watch.lease_lost:
+            return ExitCode.LEASE_LOST
+        if self.abort_reason is not None:
+            return ExitCode.ABORTED
+        if self.cancelled:
+            return ExitCode.CANCELLED
+        if self.watch.lease_rejected:
+            return ExitCode.HEARTBEAT_REJECTED
+        if error is not None:
+            return ExitCode.ERROR
+        if not self.watch.stopped:
+            return ExitCode.LEASE_LOST  # no stop was sent: the SDK judged the lease gone
+        return ExitCode.SERVED
+
+
+def _causes(exc: BaseException) -> str:
+    inner = getattr(exc, "exceptions", None)
+    return "; ".join(_causes(e) for e in inner) if inner else f"{type(exc).__name__}: {exc}"
+
+
+async def _stdin_lines(fd: int) -> AsyncIterator[bytes]:
+    """Lines from a pipe, read without a thread so that cancelling the reader is immediate."""
+    os.set_blocking(fd, False)
+    buffered = b""
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            if buffered.strip():
+                yield buffered
+            return
+        buffered += chunk
+        while b"\n" in buffered:
+            line, buffered = buffered.split(b"\n", 1)
+            if line.strip():
+                yield line
+
+
+async def _amain(args: argparse.Namespace) -> ExitCode:
+    lines = _stdin_lines(sys.stdin.fileno())
+    try:
+        message = parse_line(await anext(lines))
+        if message["type"] != ASSIGNMENT:
+            raise ValueError(f"expected an assignment, got {message['type']!r}")
+        assignment = Assignment.from_message(message)
+        environment_key = message.get("environment_key") or None
+    except (StopAsyncIteration, ValueError) as exc:
+        log.error("no valid assignment on stdin: %s", exc)
+        return ExitCode.BAD_ASSIGNMENT
+    log.info("assigned work_id=%s session_id=%s", assignment.work_id, assignment.session_id)
+    sandbox = Sandbox(args.workdir, args.max_idle)
+    code = await sandbox.serve(assignment, environment_key, lines)
+    log.info("finished work_id=%s exit=%s", assignment.work_id, code.name.lower())
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sandboxd-sandbox", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="/workspace")
+    parser.add_argument("--max-idle", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    sys.exit(int(anyio.run(_amain, args)))
+
+
+if __name__ == "__main__":
+    main()

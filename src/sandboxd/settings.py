@@ -1,0 +1,256 @@
+"""Every setting of sandboxd, as one pydantic-settings model.
+
+Sources, highest priority first: command-line flags (`--max-sessions 3`), environment variables
+(`SANDBOXD_MAX_SESSIONS=3`), secret files named after the field (`environment_key`, `api_key`) in
+the secrets directories (`--secrets-dir`, systemd's `$CREDENTIALS_DIRECTORY`, `/run/secrets`), a
+TOML config file (`--config` / `SANDBOXD_CONFIG`, default `/etc/sandboxd/sandboxd.toml` if
+present), then the defaults below. The CLI builds the model once and hands narrow views down;
+nothing below the CLI reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    CliSuppress,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SANDBOXD_"
+DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/sandboxd.toml")
+DEFAULT_SECRETS_DIRS = (Path("/run/secrets"),)
+SECRET_FIELDS = ("environment_key", "api_key")
+
+
+class Settings(BaseSettings):
+    """The daemon's configuration. Field descriptions double as `--help` text."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    # --- control plane -------------------------------------------------------------------------
+    environment_id: str | None = Field(None, description="The self_hosted environment to serve (env_...).")
+    # Secrets are not command-line flags: argv is world-readable through /proc.
+    environment_key: CliSuppress[SecretStr | None] = Field(
+        None, description="The environment key (sk-ant-oat01-...). Prefer a secret file `environment_key`."
+    )
+    api_key: CliSuppress[SecretStr | None] = Field(
+        None,
+        description="A Claude API key, used only for queue stats and Files API downloads; never sent to a "
+        "sandbox. Prefer a secret file `api_key`.",
+    )
+    base_url: str = Field("https://api.anthropic.com", description="The Anthropic API base URL.")
+    sandbox_base_url: str | None = Field(
+        None, description="The API base URL as seen from inside a sandbox (default: base_url)."
+    )
+    worker_id: str | None = Field(None, description="Worker id sent on each poll (default: <hostname>-<random>).")
+    poll_block_ms: int = Field(999, ge=1, le=999, description="Long-poll hold time per poll request.")
+    reclaim_older_than_ms: int | None = Field(
+        None, ge=1, description="Reclaim un-acked work older than this (server default when unset)."
+    )
+
+    # --- capacity and lifetime ------------------------------------------------------------------
+    max_sessions: int = Field(4, ge=1, le=1024, description="Sessions (containers) run at once.")
+    max_session_seconds: float = Field(3600.0, gt=0, description="A session's container is stopped after this.")
+    shutdown_grace_seconds: float = Field(
+        60.0, ge=0, description="On SIGTERM, how long running sessions may finish before being stopped."
+    )
+    stop_timeout_seconds: float = Field(
+        10.0, ge=0, description="How long a container gets between SIGTERM and SIGKILL."
+    )
+    drain_timeout_seconds: float | None = Field(
+        None, gt=0, description="drain: bound on the total run time; past it sessions are stopped (exit 4)."
+    )
+    max_idle_seconds: float = Field(
+        60.0, gt=0, description="A session ends this long after it goes idle (SDK max_idle)."
+    )
+    allow_environment_key_in_sandbox: bool = Field(
+        False,
+        description="Hand the environment key to a sandbox whose work item carries no usable secret. "
+        "Off by default: a sandbox never holds the environment key.",
+    )
+
+    # --- sandbox containers ---------------------------------------------------------------------
+    image: str = Field("sandboxd-sandbox:latest", description="The sandbox image.")
+    pull_policy: Literal["never", "missing", "always"] = Field(
+        "missing", description="Pull the sandbox image never, when missing, or before every session."
+    )
+    network_mode: str = Field("bridge", description="Docker network mode of sandboxes (bridge, host, none, <net>).")
+    runtime: str | None = Field(None, description="OCI runtime for sandboxes, e.g. runsc for gVisor.")
+    sandbox_user: str = Field("10001:10001", pattern=r"^\d+:\d+$", description="uid:gid sandboxes run as.")
+    memory_limit: str = Field("2g", pattern=r"^\d+[bkmg]?$", description="Memory limit per sandbox.")
+    cpus: float = Field(1.0, gt=0, description="CPU limit per sandbox, in cores.")
+    pids_limit: int = Field(512, ge=16, description="Process limit per sandbox.")
+    tmp_size: str = Field("256m", pattern=r"^\d+[bkmg]?$", description="Size of the tmpfs /tmp of a sandbox.")
+    container_log_lines: int = Field(40, ge=0, description="Last container log lines copied to the daemon log.")
+    state_dir: Path = Field(Path("/var/lib/sandboxd"), description="Workspace staging and git mirror cache.")
+
+    # --- workspace (session metadata) ------------------------------------------------------------
+    git_allowed_hosts: list[str] = Field(
+        default_factory=lambda: ["github.com", "gitlab.com", "bitbucket.org"],
+        description="Hosts git repositories may be fetched from (host or host:port).",
+    )
+    file_allowed_hosts: list[str] = Field(
+        default_factory=list, description="Hosts https file URLs may be downloaded from."
+    )
+    git_token_files: dict[str, Path] = Field(
+        default_factory=dict, description="Per-host https token files: {host: /path/to/token}."
+    )
+    git_ssh_key_files: dict[str, Path] = Field(
+        default_factory=dict, description="Per-host ssh private key files: {host: /path/to/key}."
+    )
+    git_ssh_known_hosts_file: Path | None = Field(None, description="known_hosts for ssh git URLs.")
+    fetch_timeout_seconds: float = Field(300.0, gt=0, description="Bound on fetching one repository or file.")
+    git_mirror_cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size bound of the git mirror cache.")
+    file_max_bytes: int = Field(100 * 2**20, ge=1, description="Largest single file a session may name.")
+    workspace_max_bytes: int = Field(2 * 2**30, ge=1, description="Largest total workspace a session may name.")
+    allow_insecure_http: bool = Field(
+        False, description="Allow plain http:// git and file URLs (for local test servers only)."
+    )
+
+    # --- observability --------------------------------------------------------------------------
+    metrics_address: str | None = Field(
+        "127.0.0.1:9464", description="host:port of /metrics, /healthz and /readyz; empty disables."
+    )
+    stats_interval_seconds: float = Field(15.0, gt=0, description="How often queue stats are collected.")
+    ready_poll_window_seconds: float = Field(
+        60.0, gt=0, description="/readyz fails when no poll succeeded for this long."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log line format.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError("must be host:port, for example 127.0.0.1:9464")
+        return value
+
+    @field_validator("base_url", "sandbox_base_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/") if value else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Order is priority: flags (passed as init kwargs), env, secret files, config file.
+        return init_settings, env_settings, *_EXTRA_SOURCES.get(settings_cls, ())
+
+    def require(self, *names: str, command: str) -> None:
+        """Raise ConfigError naming every setting in `names` that is unset."""
+        missing = [n for n in names if getattr(self, n) in (None, "")]
+        if missing:
+            raise ConfigError(
+                f"`sandboxd {command}` needs " + ", ".join(describe_setting(n) for n in missing)
+            )
+
+    @property
+    def effective_sandbox_base_url(self) -> str:
+        return self.sandbox_base_url or self.base_url
+
+
+_EXTRA_SOURCES: dict[type[BaseSettings], tuple[PydanticBaseSettingsSource, ...]] = {}
+
+
+def describe_setting(name: str) -> str:
+    """How a user sets `name`: the flag, the variable and, for secrets, the file."""
+    if name in SECRET_FIELDS:
+        return f"`{name}` (a secret file named {name}, or {ENV_PREFIX}{name.upper()})"
+    return f"`{name}` (--{name.replace('_', '-')} or {ENV_PREFIX}{name.upper()})"
+
+
+def secrets_dirs(extra: Sequence[Path] = ()) -> list[Path]:
+    """Secret directories that exist, in priority order: explicit, systemd credentials, /run/secrets."""
+    candidates = [*extra]
+    if os.environ.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(Path(os.environ["CREDENTIALS_DIRECTORY"]))
+    candidates.extend(DEFAULT_SECRETS_DIRS)
+    return [p for p in candidates if p.is_dir()]
+
+
+def _config_file(flag_value: str | None) -> Path | None:
+    value = flag_value or os.environ.get(ENV_PREFIX + "CONFIG")
+    if value:
+        path = Path(value)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from --config or {ENV_PREFIX}CONFIG) does not exist")
+        return path
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(
+    argv: Sequence[str], *, prog: str, config_file: str | None = None, secrets_dir: Sequence[Path] = ()
+) -> Settings:
+    """Build the Settings from flags in `argv`, the environment, secret files and the config file.
+
+    Raises ConfigError with a message naming each wrong setting; never a traceback.
+    """
+    for arg in argv:
+        name = arg.removeprefix("--").split("=", 1)[0].replace("-", "_")
+        if arg.startswith("--") and name in SECRET_FIELDS:
+            raise ConfigError(f"{describe_setting(name)} cannot be a flag: argv is readable by every local user")
+    cli = CliSettingsSource(
+        Settings,
+        cli_prog_name=prog,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_enforce_required=False,
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+    )
+    sources: list[PydanticBaseSettingsSource] = [
+        SecretsSettingsSource(Settings, secrets_dir=[str(d) for d in secrets_dirs(secrets_dir)], env_prefix="")
+    ]
+    path = _config_file(config_file)
+    if path is not None:
+        sources.append(TomlConfigSettingsSource(Settings, toml_file=path))
+    _EXTRA_SOURCES[Settings] = tuple(sources)
+    try:
+        return Settings(_cli_settings_source=cli(args=list(argv)))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable config file, malformed TOML
+        raise ConfigError(f"could not read the configuration: {exc}") from None
+    finally:
+        _EXTRA_SOURCES.pop(Settings, None)
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = ["invalid configuration:"]
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = describe_setting(field) if field in Settings.model_fields else f"`{name}`"
+        lines.append(f"  {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+__all__ = ["ConfigError", "Settings", "describe_setting", "load_settings"]
