@@ -151,19 +151,8 @@ class DockerBackend:
             raise LaunchError("image_missing", f"sandbox image {image!r} could not be pulled: {exc}") from exc
 
     def _create(self, sandbox: Sandbox, labels: dict[str, str]) -> Container:
-        spec = self.spec
-        return self._client.containers.create(
-            spec.image,
-            command=["--workdir", WORKSPACE, "--max-idle", str(spec.max_idle_seconds)],
-            name=sandbox.name,
-            labels=labels,
-            user=spec.user,
-            working_dir=WORKSPACE,
-            # Only what the entrypoint needs; nothing of the daemon's environment is passed through.
-            environment={"ANTHROPIC_BASE_URL": spec.base_url, **spec.extra_env},
-            stdin_open=True,
-            stdin_once=True,  # the daemon closing the stream is the sandbox's end of stdin
-            tty=False,
+        spec, api = self.spec, self._client.api
+        host_config = api.create_host_config(
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size},mode=1777"},
             mounts=[Mount(target=WORKSPACE, source=sandbox.volume, type="volume")],
@@ -177,8 +166,23 @@ class DockerBackend:
             ipc_mode="private",
             network_mode=spec.network_mode,
             runtime=spec.runtime,
-            detach=True,
         )
+        config = api.create_container_config(
+            spec.image,
+            command=["--workdir", WORKSPACE, "--max-idle", str(spec.max_idle_seconds)],
+            labels=labels,
+            user=spec.user,
+            working_dir=WORKSPACE,
+            # Only what the entrypoint needs; nothing of the daemon's environment is passed through.
+            environment={"ANTHROPIC_BASE_URL": spec.base_url, **spec.extra_env},
+            stdin_open=True,
+            tty=False,
+            host_config=host_config,
+        )
+        # The daemon closing its attach stream is the sandbox's end of stdin (docker-py has no flag).
+        config["StdinOnce"] = True
+        created = api.create_container_from_config(config, name=sandbox.name)
+        return self._client.containers.get(created["Id"])
 
     def _attach_stdin(self, container: Container) -> socket.socket:
         stream: Any = container.attach_socket(params={"stdin": 1, "stream": 1})

@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request drowns the session's story
     sys.exit(int(anyio.run(_amain, args)))
 
 

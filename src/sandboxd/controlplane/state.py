@@ -1,0 +1,259 @@
+"""The in-memory model of the local control plane (no HTTP).
+
+Owns `ControlPlaneState`: the key ring, work queue and sessions behind one
+lock, so the routes (on the server's event loop) and tests (on any thread)
+see a consistent model. Every API operation authenticates, applies lazy
+lease expiry, mutates, and wakes waiters; `snapshot()` is `/_cp/state`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections import Counter
+from typing import Any, Literal
+
+from .auth import Caller, KeyRing
+from .clock import monotonic, now_rfc3339
+from .errors import ApiError
+from .scenario import Scenario, ScriptedSession, SkillSpec
+from .sessions import SessionRecord
+from .skills import find_skill, skill_zip, version_json
+from .wakeup import ChangeSignal
+from .work import WorkItem, WorkQueue
+
+OutageMode = Literal["off", "hang", "error"]
+WORKER_WINDOW_SECONDS = 30.0
+
+
+def encode_secret(payload: dict[str, Any]) -> str:
+    """The work-item `secret`: unpadded URL-safe base64 of a JSON object."""
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+class ControlPlaneState:
+    """Thread-safe facade over the key ring, the work queue and the sessions."""
+
+    def __init__(self, scenario: Scenario) -> None:
+        self.scenario = scenario
+        self.signal = ChangeSignal()
+        self.outage: OutageMode = "off"
+        self.closing = False
+        self._lock = threading.RLock()
+        self._keys = KeyRing(scenario.environment_key, scenario.api_key)
+        self._queue = WorkQueue(scenario.environment_id, scenario.lease_ttl_seconds, scenario.reclaim_older_than_ms)
+        self._sessions: dict[str, SessionRecord] = {}
+        self._workers: dict[str, float] = {}
+        self._requests: Counter[str] = Counter()
+        for spec in scenario.sessions:
+            self.add_session(spec)
+        for _ in range(scenario.healthchecks):
+            self.add_healthcheck()
+
+    # -- admin ----------------------------------------------------------------------------------
+
+    def add_session(self, spec: ScriptedSession) -> tuple[str, str]:
+        """Register a scripted session and enqueue its work item; returns (session_id, work_id)."""
+        with self._lock:
+            if spec.session_id in self._sessions:
+                raise ApiError(409, f"session {spec.session_id} already exists")
+            token = self._keys.new_sessions_token(spec.session_id)
+            secret = {
+                "token": encode_secret({"sessions_token": token}),
+                "none": None,
+                "garbage": base64.urlsafe_b64encode(b"not json {").decode(),
+            }[spec.secret]
+            record = SessionRecord(spec=spec, environment_id=self.scenario.environment_id, status=spec.status)
+            item = self._queue.enqueue(
+                "session",
+                spec.session_id,
+                secret=secret,
+                session_id=spec.session_id,
+                heartbeat_status=spec.heartbeat_status,
+            )
+            record.work_id = item.id
+            self._sessions[spec.session_id] = record
+        self.signal.notify()
+        return spec.session_id, item.id
+
+    def add_healthcheck(self) -> str:
+        """Enqueue a `healthcheck` work item; returns its work_id."""
+        with self._lock:
+            item = self._queue.enqueue(
+                "healthcheck", f"hc_{len(self._queue.items) + 1:04d}", secret=None, session_id=None
+            )
+        self.signal.notify()
+        return item.id
+
+    def set_outage(self, mode: OutageMode) -> None:
+        self.outage = mode
+        self.signal.notify()
+
+    def set_lease_ttl(self, seconds: int) -> None:
+        with self._lock:
+            self._queue.lease_ttl_seconds = seconds
+
+    def request_stop(self, work_id: str) -> dict[str, Any]:
+        """Mark a held item `stopping`; its holder sees that on the next heartbeat."""
+        with self._lock:
+            item = self._queue.request_stop(self._queue.get(work_id))
+            body = item.to_json(self.scenario.environment_id)
+        self.signal.notify()
+        return body
+
+    def close(self) -> None:
+        """Release hanging requests and end open streams (server shutdown)."""
+        self.closing, self.outage = True, "off"
+        self.signal.notify()
+
+    def count_request(self, route: str) -> None:
+        with self._lock:
+            self._requests[route] += 1
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """Lazy timers: re-queue expired leases (called under the lock by every operation)."""
+        if self._queue.expire_leases(monotonic()):
+            self.signal.notify()
+
+    def _check_environment(self, environment_id: str) -> None:
+        if environment_id != self.scenario.environment_id:
+            raise ApiError(404, f"environment {environment_id} not found")
+
+    def _session(self, session_id: str) -> SessionRecord:
+        record = self._sessions.get(session_id)
+        if record is None:
+            raise ApiError(404, f"session {session_id} not found")
+        return record
+
+    def _session_access(self, token: str | None, session_id: str, route: str) -> SessionRecord:
+        self._keys.identify(token)  # 401 before 404
+        record = self._session(session_id)
+        caller = self._keys.require_session(token, session_id)
+        record.note_credential(route, caller.kind)
+        return record
+
+    def _item_access(self, token: str | None, environment_id: str, work_id: str) -> tuple[WorkItem, Caller]:
+        self._keys.identify(token)
+        self._check_environment(environment_id)
+        item = self._queue.get(work_id)
+        return item, self._keys.require_session(token, item.session_id)
+
+    def _workers_polling(self) -> list[str]:
+        now = monotonic()
+        return sorted(w for w, seen in self._workers.items() if now - seen <= WORKER_WINDOW_SECONDS)
+
+    # -- work API -------------------------------------------------------------------------------
+
+    def poll(
+        self, token: str | None, environment_id: str, worker_id: str | None, reclaim_ms: int | None
+    ) -> dict[str, Any] | None:
+        with self._lock:
+            self._keys.require_environment_key(token)
+            self._check_environment(environment_id)
+            if worker_id:
+                self._workers[worker_id] = monotonic()
+            self._tick()
+            item = self._queue.poll(reclaim_ms)
+            return item.to_json(environment_id, with_secret=True) if item else None
+
+    def ack(self, token: str | None, environment_id: str, work_id: str) -> dict[str, Any]:
+        with self._lock:
+            self._keys.require_environment_key(token)
+            self._check_environment(environment_id)
+            self._tick()
+            body = self._queue.ack(work_id).to_json(environment_id)
+        self.signal.notify()
+        return body
+
+    def heartbeat(self, token: str | None, environment_id: str, work_id: str, expected: str | None) -> dict[str, Any]:
+        with self._lock:
+            item, caller = self._item_access(token, environment_id, work_id)
+            self._tick()
+            return self._queue.heartbeat(item, expected, caller.kind)
+
+    def stop(self, token: str | None, environment_id: str, work_id: str, force: bool) -> dict[str, Any]:
+        with self._lock:
+            item, caller = self._item_access(token, environment_id, work_id)
+            self._tick()
+            body = self._queue.stop(item, caller.kind, force).to_json(environment_id)
+        self.signal.notify()
+        return body
+
+    def stats(self, token: str | None, environment_id: str) -> dict[str, Any]:
+        with self._lock:
+            self._keys.require_api_key(token)
+            self._check_environment(environment_id)
+            self._tick()
+            return self._queue.stats(len(self._workers_polling()))
+
+    # -- sessions and skills API ----------------------------------------------------------------
+
+    def get_session(self, token: str | None, session_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._session_access(token, session_id, "session").to_json()
+
+    def open_stream(self, token: str | None, session_id: str) -> int:
+        """Authorise a stream; start the script if needed. Returns the index of the first live event."""
+        with self._lock:
+            record = self._session_access(token, session_id, "stream")
+            start = len(record.events)
+            record.start()
+        self.signal.notify()
+        return start
+
+    def events_since(self, session_id: str, index: int) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(e) for e in self._session(session_id).events[index:]]
+
+    def list_events(self, token: str | None, session_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(e) for e in self._session_access(token, session_id, "events_list").events]
+
+    def post_events(self, token: str | None, session_id: str, events: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            stored = self._session_access(token, session_id, "events_send").post_events(events)
+        self.signal.notify()
+        return stored
+
+    def _skill_access(self, token: str | None, skill_id: str, version: str) -> SkillSpec:
+        caller = self._keys.identify(token)
+        records = list(self._sessions.values())
+        if caller.kind == "sessions_token":
+            records = [r for r in records if r.id == caller.session_id]
+        elif caller.kind != "environment_key":
+            raise ApiError(403, "skills need the environment key or a sessions token")
+        skill = find_skill([s for r in records for s in r.spec.skills], skill_id, version)
+        for record in records:
+            if skill in record.spec.skills:
+                record.note_credential("skills", caller.kind)
+        return skill
+
+    def skill_version(self, token: str | None, skill_id: str, version: str) -> dict[str, Any]:
+        with self._lock:
+            return version_json(self._skill_access(token, skill_id, version), now_rfc3339())
+
+    def skill_content(self, token: str | None, skill_id: str, version_id: str) -> bytes:
+        with self._lock:
+            return skill_zip(self._skill_access(token, skill_id, version_id))
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """The `/_cp/state` document (see the package docstring for its shape)."""
+        with self._lock:
+            self._tick()
+            workers = self._workers_polling()
+            return {
+                "environment_id": self.scenario.environment_id,
+                "lease_ttl_seconds": self._queue.lease_ttl_seconds,
+                "reclaim_older_than_ms": self._queue.reclaim_older_than_ms,
+                "outage": self.outage,
+                "work": {i.id: i.snapshot() for i in self._queue.items.values()},
+                "sessions": {s.id: s.snapshot() for s in self._sessions.values()},
+                "stats": self._queue.stats(len(workers)),
+                "workers_polling": workers,
+                "requests": dict(sorted(self._requests.items())),
+            }
