@@ -19,7 +19,7 @@ from starlette.routing import Route
 from .clock import monotonic
 from .errors import ApiError
 from .state import ControlPlaneState
-from .web import credential, endpoint, int_param, json_body, sse_frame
+from .web import Handler, credential, endpoint, int_param, json_body, sse_frame
 
 PING_SECONDS = 5.0
 POLL_SLICE_SECONDS = 0.1
@@ -71,90 +71,90 @@ def _page(request: Request, events: list[dict[str, Any]]) -> dict[str, Any]:
     return {"data": events[start:end], "next_page": next_page}
 
 
-def routes(state: ControlPlaneState) -> list[Route]:  # noqa: C901 - one small closure per route
-    """The `/v1` routes bound to `state`."""
+class _Handlers:
+    """One method per `/v1` route, all over the same state."""
 
-    @endpoint(state, "poll")
-    async def poll(request: Request) -> Response:
+    def __init__(self, state: ControlPlaneState) -> None:
+        self.state = state
+
+    async def poll(self, request: Request) -> Response:
         token, environment_id = credential(request), request.path_params["environment_id"]
         block_ms = int_param(request, "block_ms", 1, 999)
         reclaim_ms = int_param(request, "reclaim_older_than_ms", 1)
         worker_id = request.headers.get("anthropic-worker-id")
         deadline = monotonic() + (block_ms or 0) / 1000
         while True:
-            generation = state.signal.generation
-            work = state.poll(token, environment_id, worker_id, reclaim_ms)
+            generation = self.state.signal.generation
+            work = self.state.poll(token, environment_id, worker_id, reclaim_ms)
             remaining = deadline - monotonic()
-            if work is not None or remaining <= 0 or state.closing:
+            if work is not None or remaining <= 0 or self.state.closing:
                 return JSONResponse(work)
-            await state.signal.wait(generation, min(remaining, POLL_SLICE_SECONDS))
+            await self.state.signal.wait(generation, min(remaining, POLL_SLICE_SECONDS))
 
-    @endpoint(state, "ack")
-    async def ack(request: Request) -> Response:
+    async def ack(self, request: Request) -> Response:
         params = request.path_params
-        return JSONResponse(state.ack(credential(request), params["environment_id"], params["work_id"]))
+        return JSONResponse(self.state.ack(credential(request), params["environment_id"], params["work_id"]))
 
-    @endpoint(state, "heartbeat")
-    async def heartbeat(request: Request) -> Response:
+    async def heartbeat(self, request: Request) -> Response:
         params, expected = request.path_params, request.query_params.get("expected_last_heartbeat")
-        body = state.heartbeat(credential(request), params["environment_id"], params["work_id"], expected)
+        body = self.state.heartbeat(credential(request), params["environment_id"], params["work_id"], expected)
         return JSONResponse(body)
 
-    @endpoint(state, "stop")
-    async def stop(request: Request) -> Response:
+    async def stop(self, request: Request) -> Response:
         params, force = request.path_params, (await json_body(request)).get("force") is True
-        return JSONResponse(state.stop(credential(request), params["environment_id"], params["work_id"], force))
+        return JSONResponse(self.state.stop(credential(request), params["environment_id"], params["work_id"], force))
 
-    @endpoint(state, "stats")
-    async def stats(request: Request) -> Response:
-        return JSONResponse(state.stats(credential(request), request.path_params["environment_id"]))
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse(self.state.stats(credential(request), request.path_params["environment_id"]))
 
-    @endpoint(state, "session")
-    async def session(request: Request) -> Response:
-        return JSONResponse(state.get_session(credential(request), request.path_params["session_id"]))
+    async def session(self, request: Request) -> Response:
+        return JSONResponse(self.state.get_session(credential(request), request.path_params["session_id"]))
 
-    @endpoint(state, "stream")
-    async def stream(request: Request) -> Response:
+    async def stream(self, request: Request) -> Response:
         session_id = request.path_params["session_id"]
-        start = state.open_stream(credential(request), session_id)
+        start = self.state.open_stream(credential(request), session_id)
         return StreamingResponse(
-            _sse(state, session_id, start),
+            _sse(self.state, session_id, start),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache"},
         )
 
-    @endpoint(state, "events_list")
-    async def list_events(request: Request) -> Response:
-        events = state.list_events(credential(request), request.path_params["session_id"])
+    async def list_events(self, request: Request) -> Response:
+        events = self.state.list_events(credential(request), request.path_params["session_id"])
         return JSONResponse(_page(request, events))
 
-    @endpoint(state, "events_send")
-    async def send_events(request: Request) -> Response:
+    async def send_events(self, request: Request) -> Response:
         body = await json_body(request)
-        stored = state.post_events(credential(request), request.path_params["session_id"], body.get("events"))
+        stored = self.state.post_events(credential(request), request.path_params["session_id"], body.get("events"))
         return JSONResponse({"data": stored})
 
-    @endpoint(state, "skill_version", beta=False)
-    async def skill_version(request: Request) -> Response:
+    async def skill_version(self, request: Request) -> Response:
         params = request.path_params
-        return JSONResponse(state.skill_version(credential(request), params["skill_id"], params["version"]))
+        return JSONResponse(self.state.skill_version(credential(request), params["skill_id"], params["version"]))
 
-    @endpoint(state, "skill_content", beta=False)
-    async def skill_content(request: Request) -> Response:
+    async def skill_content(self, request: Request) -> Response:
         params = request.path_params
-        content = state.skill_content(credential(request), params["skill_id"], params["version"])
+        content = self.state.skill_content(credential(request), params["skill_id"], params["version"])
         return Response(content, media_type="application/octet-stream")
 
+
+def routes(state: ControlPlaneState) -> list[Route]:
+    """The `/v1` routes bound to `state`."""
+    h = _Handlers(state)
+
+    def route(path: str, name: str, handler: Handler, method: str = "GET", beta: bool = True) -> Route:
+        return Route(path, endpoint(state, name, beta=beta)(handler), methods=[method])
+
     return [
-        Route(f"{ENV}/poll", poll, methods=["GET"]),
-        Route(f"{ENV}/stats", stats, methods=["GET"]),
-        Route(f"{ENV}/{{work_id}}/ack", ack, methods=["POST"]),
-        Route(f"{ENV}/{{work_id}}/heartbeat", heartbeat, methods=["POST"]),
-        Route(f"{ENV}/{{work_id}}/stop", stop, methods=["POST"]),
-        Route("/v1/sessions/{session_id}", session, methods=["GET"]),
-        Route("/v1/sessions/{session_id}/events/stream", stream, methods=["GET"]),
-        Route("/v1/sessions/{session_id}/events", list_events, methods=["GET"]),
-        Route("/v1/sessions/{session_id}/events", send_events, methods=["POST"]),
-        Route("/v1/skills/{skill_id}/versions/{version}", skill_version, methods=["GET"]),
-        Route("/v1/skills/{skill_id}/versions/{version}/content", skill_content, methods=["GET"]),
+        route(f"{ENV}/poll", "poll", h.poll),
+        route(f"{ENV}/stats", "stats", h.stats),
+        route(f"{ENV}/{{work_id}}/ack", "ack", h.ack, "POST"),
+        route(f"{ENV}/{{work_id}}/heartbeat", "heartbeat", h.heartbeat, "POST"),
+        route(f"{ENV}/{{work_id}}/stop", "stop", h.stop, "POST"),
+        route("/v1/sessions/{session_id}", "session", h.session),
+        route("/v1/sessions/{session_id}/events/stream", "stream", h.stream),
+        route("/v1/sessions/{session_id}/events", "events_list", h.list_events),
+        route("/v1/sessions/{session_id}/events", "events_send", h.send_events, "POST"),
+        route("/v1/skills/{skill_id}/versions/{version}", "skill_version", h.skill_version, beta=False),
+        route("/v1/skills/{skill_id}/versions/{version}/content", "skill_content", h.skill_content, beta=False),
     ]

@@ -242,7 +242,16 @@ class ControlPlaneState:
     # -- inspection -----------------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """The `/_cp/state` document (see the package docstring for its shape)."""
+        """The `/_cp/state` document.
+
+        `work`: {work_id: `WorkItem.snapshot()`} — id, session_id, type, state, last_heartbeat,
+        polls, claims (acks), heartbeats (successful), heartbeat_412s, heartbeat_errors (scripted
+        statuses), lease_expiries, heartbeat_credentials, stops [{credential, force}], stop_conflicts.
+        `sessions`: {session_id: `SessionRecord.snapshot()`} — work_id, status, steps, results
+        [{tool_use_id, name, is_error, text, passed, reason}], duplicates, done, passed, events,
+        credentials_seen {route: [kind]}. Plus `stats` (as the stats endpoint), `workers_polling`
+        (ids seen in the last 30 s), `requests` ({route: count} of /v1 calls), `outage`, timings.
+        """
         with self._lock:
             self._tick()
             workers = self._workers_polling()
