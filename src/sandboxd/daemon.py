@@ -184,11 +184,8 @@ class Daemon:
 
     async def _serve(self, item: BetaSelfHostedWork) -> None:
         try:
-            result = await self._supervisor.serve(item)
-            if result is None:
+            if not await self._supervisor.serve(item, self.summary.results.append):
                 self.summary.healthchecks += 1
-            else:
-                self.summary.results.append(result)
         except Exception:  # a bug in serving one item must not take the daemon down
             log.exception("session_crashed work_id=%s", item.id)
             with anyio.CancelScope(shield=True):

@@ -90,6 +90,12 @@ class Sandbox:
                 log.warning("received %s; stopping the session", signal.Signals(signum).name)
                 self.cancelled = True
                 self._worker_scope.cancel()
+                # The SDK lets an in-flight tool call finish (up to its 150 s timeout) before it
+                # stops; ending the tools' processes turns that call into an error result at once,
+                # so the item is force-stopped well within the container's stop timeout.
+                killed = _kill_descendants(os.getpid())
+                if killed:
+                    log.warning("ended %d tool process(es)", killed)
                 return
 
     async def serve(self, assignment: Assignment, environment_key: str | None, lines: AsyncIterator[bytes]) -> ExitCode:
@@ -131,6 +137,31 @@ class Sandbox:
         if not self.watch.stopped:
             return ExitCode.LEASE_LOST  # no stop was sent: the SDK judged the lease gone
         return ExitCode.SERVED
+
+
+def _kill_descendants(root: int) -> int:
+    """SIGKILL every process descended from `root` (the bash tool and what it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                ppid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    doomed, stack = [], list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        doomed.append(pid)
+        stack.extend(children.get(pid, []))
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return len(doomed)
 
 
 def _causes(exc: BaseException) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
@@ -20,6 +21,7 @@ from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from .containers import DockerBackend, Sandbox
 from .errors import LaunchError, WorkItemError, WorkspaceError
+from .logs import redacting
 from .metrics import Metrics
 from .outcome import ITEM_SETTLED_BY_SANDBOX, Outcome, outcome_for_exit
 from .protocol import Assignment, ExitCode, abort_line, sessions_token_from_secret, workspace_ready_line
@@ -65,23 +67,32 @@ class SessionSupervisor:
         self._limits = limits
         self._environment_key = environment_key
 
-    async def serve(self, item: BetaSelfHostedWork) -> SessionResult | None:
-        """Serve one claimed item; returns None for non-session items (health checks), never raises
-        for a bad item. Cancellation (shutdown) stops the sandbox, which stops its item."""
+    async def serve(self, item: BetaSelfHostedWork, report: Callable[[SessionResult], None]) -> bool:
+        """Serve one claimed item and `report` how its session ended; False for a non-session item
+        (a health check), which is only stopped. Never raises for a bad item; on cancellation
+        (shutdown) the sandbox is stopped, which stops its item, and the session reports cancelled."""
         kind = str(item.data.type)
         self._metrics.work_items_claimed.labels(kind if kind in ("session", "healthcheck") else "other").inc()
         if kind != "session":
             log.info("non_session_item_stopped work_id=%s type=%s", item.id, kind)
             await self._queue.force_stop(item)
-            return None
+            return False
         started = time.monotonic()
-        outcome, reason = await self._serve_session(item, started)
+        try:
+            with redacting(item.secret, sessions_token_from_secret(item.secret)):  # never in a log line
+                outcome, reason = await self._serve_session(item, started)
+        except anyio.get_cancelled_exc_class():
+            report(self._finished(item, Outcome.CANCELLED, started, "stopped by the daemon's shutdown"))
+            raise
+        report(self._finished(item, outcome, started, reason))
+        return True
+
+    def _finished(self, item: BetaSelfHostedWork, outcome: Outcome, started: float, reason: str) -> SessionResult:
         duration = time.monotonic() - started
         self._metrics.sessions_finished.labels(outcome.value).inc()
         self._metrics.session_duration.observe(duration)
-        log_level = logging.INFO if outcome.ok else logging.WARNING
         log.log(
-            log_level,
+            logging.INFO if outcome.ok else logging.WARNING,
             "session_finished work_id=%s session_id=%s outcome=%s duration=%.2f%s",
             item.id, item.data.id, outcome.value, duration, f" reason={reason!r}" if reason else "",
         )
