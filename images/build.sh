@@ -5,20 +5,37 @@
 #                                   with SANDBOXD_LOCAL_BASE=1 a debootstrap-built sandboxd-base:bookworm)
 #   images/build.sh wheelhouse      only the wheels (build/wheelhouse), built on the host
 #
-# Environment: BASE_IMAGE, SANDBOX_TAG (sandboxd-sandbox:latest), DAEMON_TAG (sandboxd:latest), PYTHON.
+# Each image is tagged twice: :latest (or SANDBOX_TAG / DAEMON_TAG) and the package version, the tag
+# the Helm chart uses by default.
+#
+# The wheels are built on the host, so the images need neither pip nor a compiler nor network access
+# to a package index. They must match the image's python3: Debian bookworm ships 3.11, so PYTHON must
+# be a 3.11 interpreter for the default base (PYTHON_MINOR says which minor the base has).
+#
+# Environment: BASE_IMAGE, SANDBOX_TAG (sandboxd-sandbox:latest), DAEMON_TAG (sandboxd:latest), PYTHON,
+# PYTHON_MINOR (3.11), DOCKER_BUILD_NETWORK (host).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 python=${PYTHON:-python3}
+python_minor=${PYTHON_MINOR:-3.11}
 sandbox_tag=${SANDBOX_TAG:-sandboxd-sandbox:latest}
 daemon_tag=${DAEMON_TAG:-sandboxd:latest}
+# host: apt inside the build reaches the mirror even when dockerd runs with --bridge=none.
+network=${DOCKER_BUILD_NETWORK:-host}
 
 wheelhouse() {
+    local have
+    have=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ "$have" != "$python_minor" ]; then
+        echo "images/build.sh: $python is Python $have; the image's python3 is $python_minor." >&2
+        echo "Set PYTHON to a $python_minor interpreter (or PYTHON_MINOR for another base image)." >&2
+        exit 1
+    fi
     rm -rf build/wheelhouse
     mkdir -p build/wheelhouse
-    # The images run Debian's python3 (3.11 on bookworm); the wheels must match it.
     "$python" -m pip wheel --quiet --wheel-dir build/wheelhouse . >/dev/null
-    echo "wheelhouse: $(ls build/wheelhouse | wc -l) wheels in build/wheelhouse"
+    echo "wheelhouse: $(find build/wheelhouse -name '*.whl' | wc -l) wheels in build/wheelhouse"
 }
 
 if [ "${1:-}" = wheelhouse ]; then wheelhouse; exit 0; fi
@@ -30,10 +47,13 @@ else
     base=${BASE_IMAGE:-debian:bookworm-slim}
 fi
 wheelhouse
-# --network host: apt inside the build reaches the mirror even when dockerd runs with --bridge=none.
-for spec in "sandbox:$sandbox_tag" "daemon:$daemon_tag"; do
-    dir=${spec%%:*} tag=${spec#*:}
-    echo "building $tag (images/$dir, base $base)"
-    docker build --quiet --network host --build-arg BASE_IMAGE="$base" -f "images/$dir/Dockerfile" -t "$tag" . >/dev/null
+version=$("$python" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+for spec in "sandbox=$sandbox_tag" "daemon=$daemon_tag"; do
+    dir=${spec%%=*} tag=${spec#*=}
+    versioned="${tag%:*}:$version"
+    echo "building $tag and $versioned (images/$dir, base $base)"
+    docker build --quiet --network "$network" --build-arg BASE_IMAGE="$base" --build-arg VERSION="$version" \
+        ${SOURCE_HASH:+--label "io.sandboxd.source-hash=$SOURCE_HASH"} \
+        -f "images/$dir/Dockerfile" -t "$tag" -t "$versioned" . >/dev/null
 done
-echo "built $sandbox_tag and $daemon_tag"
+echo "built $sandbox_tag and $daemon_tag (also tagged :$version)"

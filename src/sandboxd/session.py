@@ -117,10 +117,12 @@ class SessionSupervisor:
             await self._queue.force_stop(item)
             return Outcome.LAUNCH_FAILED, str(exc)
         try:
-            return await self._supervise(item, sandbox, plan, environment_key, started)
+            outcome, reason = Outcome.CANCELLED, ""
+            outcome, reason = await self._supervise(item, sandbox, plan, environment_key, started)
+            return outcome, reason
         finally:
             with anyio.CancelScope(shield=True):
-                await self._collect_and_remove(item, sandbox)
+                await self._collect_and_remove(item, sandbox, verbose=not outcome.ok)
 
     def _sandbox_environment_key(self, item: BetaSelfHostedWork) -> str | None:
         """None when the item's secret carries a sessions token (the normal case)."""
@@ -192,9 +194,12 @@ class SessionSupervisor:
             log.warning("sandbox_died work_id=%s exit=%s; stopping the item", item.id, status)
             await self._queue.force_stop(item)
 
-    async def _collect_and_remove(self, item: BetaSelfHostedWork, sandbox: Sandbox) -> None:
-        for text in await self._backend.logs_tail(sandbox, self._limits.container_log_lines):
-            log.info("sandbox_log work_id=%s | %s", item.id, text)
+    async def _collect_and_remove(self, item: BetaSelfHostedWork, sandbox: Sandbox, verbose: bool) -> None:
+        """The sandbox's last log lines into the daemon's log (INFO when the session did not succeed)."""
+        level = logging.INFO if verbose else logging.DEBUG
+        if log.isEnabledFor(level):
+            for text in await self._backend.logs_tail(sandbox, self._limits.container_log_lines):
+                log.log(level, "sandbox_log work_id=%s | %s", item.id, text)
         await self._backend.remove(sandbox)
 
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs to run the demo and the tests: a virtualenv with sandboxd and its
+# dev tools (.venv), a running Docker engine, and the two images (built from a debootstrap base
+# when no registry is reachable). Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+.venv/bin/python -m pip install --quiet -e '.[dev]'
+
+scripts/setup-engine.sh
+command -v debootstrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+
+# Rebuild when the sources the images are made of changed (so tests never run a stale sandbox).
+source_hash=$(find src images pyproject.toml -type f -not -path '*/__pycache__/*' -print0 | sort -z \
+    | xargs -0 sha256sum | sha256sum | cut -c1-16)
+built_hash=$(docker image inspect -f '{{ index .Config.Labels "io.sandboxd.source-hash" }}' sandboxd-sandbox:latest 2>/dev/null || true)
+if [ "$built_hash" != "$source_hash" ] || ! docker image inspect sandboxd:latest >/dev/null 2>&1 || [ "${REBUILD:-0}" = 1 ]; then
+    # No registry here: the base image is built locally with debootstrap unless BASE_IMAGE is given.
+    if [ -z "${BASE_IMAGE:-}" ]; then export SANDBOXD_LOCAL_BASE=1; fi
+    SOURCE_HASH=$source_hash PYTHON=.venv/bin/python images/build.sh
+else
+    echo "images up to date (source $source_hash)"
+fi
