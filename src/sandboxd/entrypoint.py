@@ -50,7 +50,7 @@ class _ItemWatch:
             self.stopped = True
 
 
-class Sandbox:
+class ItemServer:
     """Serves one assignment: reads control messages, runs the worker, decides the exit code."""
 
     def __init__(self, workdir: str, max_idle: float) -> None:
@@ -70,7 +70,11 @@ class Sandbox:
 
     async def _read_control(self, lines: AsyncIterator[bytes]) -> None:
         async for raw in lines:
-            message = parse_line(raw)
+            try:
+                message = parse_line(raw)
+            except ValueError as exc:
+                log.warning("ignoring a malformed control message: %s", exc)
+                continue
             if message["type"] == WORKSPACE_READY:
                 log.info("workspace ready; tools may run")
                 self.ready.set()
@@ -202,8 +206,8 @@ async def _amain(args: argparse.Namespace) -> ExitCode:
         log.error("no valid assignment on stdin: %s", exc)
         return ExitCode.BAD_ASSIGNMENT
     log.info("assigned work_id=%s session_id=%s", assignment.work_id, assignment.session_id)
-    sandbox = Sandbox(args.workdir, args.max_idle)
-    code = await sandbox.serve(assignment, environment_key, lines)
+    server = ItemServer(args.workdir, args.max_idle)
+    code = await server.serve(assignment, environment_key, lines)
     log.info("finished work_id=%s exit=%s", assignment.work_id, code.name.lower())
     return code
 

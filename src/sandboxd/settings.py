@@ -217,7 +217,7 @@ def load_settings(
         name = arg.removeprefix("--").split("=", 1)[0].replace("-", "_")
         if arg.startswith("--") and name in SECRET_FIELDS:
             raise ConfigError(f"{describe_setting(name)} cannot be a flag: argv is readable by every local user")
-    cli = CliSettingsSource(
+    cli: CliSettingsSource[Settings] = CliSettingsSource(
         Settings,
         cli_prog_name=prog,
         cli_kebab_case=True,
