@@ -13,7 +13,11 @@ fi
 .venv/bin/python -m pip install --quiet -e '.[dev]'
 
 scripts/setup-engine.sh
-command -v debootstrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+# debootstrap builds the local base image; promtool (Debian's prometheus) checks the alert rules.
+if ! command -v debootstrap >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap prometheus >/dev/null
+fi
 
 # Rebuild when the sources the images are made of changed (so tests never run a stale sandbox).
 source_hash=$(find src images pyproject.toml -type f -not -path '*/__pycache__/*' -print0 | sort -z \

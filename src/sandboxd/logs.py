@@ -1,9 +1,10 @@
 """Logging set-up: `event key=value` lines as text (default) or JSON, with secrets redacted.
 
 Messages are written once, shaped `event key=value ...`; the JSON formatter turns that into
-`{"event": ..., "key": value, ...}` so both renderings carry the same stable keys. A redacting
-filter replaces every registered secret value with `[REDACTED]` in every record, at every level,
-as a last line of defence.
+`{"event": ..., "key": value, ...}` so both renderings carry the same stable keys. One process-wide
+redacting filter, on the root handler, removes secrets from every record at every level as the
+last line of defence: the values registered with it (keys at start-up, each work item's secret
+and sessions token while it is served) and anything shaped like a credential.
 """
 
 from __future__ import annotations
@@ -13,38 +14,98 @@ import logging
 import re
 import shlex
 import sys
+import threading
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import TextIO
 
 _PAIR = re.compile(r"^([a-z_][a-z0-9_]*)=(.*)$")
 REDACTED = "[REDACTED]"
+_MIN_SECRET_LENGTH = 6
+# Credential shapes redacted even when nobody registered the value: Anthropic keys and tokens,
+# base64 JSON (a work item's `secret`, JWTs), Bearer headers and passwords inside URLs.
+_SHAPES = (
+    (re.compile(r"sk-ant-[A-Za-z0-9_\-]{6,}"), REDACTED),
+    (re.compile(r"eyJ[A-Za-z0-9_\-+/=.]{16,}"), REDACTED),
+    (re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9_\-.~+/=]{6,}"), r"\1" + REDACTED),
+    (re.compile(r"(?i)\b(x-api-key['\"]?\s*[:=]\s*['\"]?)[^'\"\s,}]{6,}"), r"\1" + REDACTED),
+    (re.compile(r"(://[^/\s:@]+:)[^/\s@]+@"), r"\1" + REDACTED + "@"),
+)
+_NUMERIC_KEYS = re.compile(r"^(duration|.*_seconds)$")
 
 
 class RedactingFilter(logging.Filter):
-    """Replaces known secret values in a record's rendered message (and drops its args)."""
+    """Replaces secret values in a record's message, exception and stack text (and drops its args)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self._secrets: set[str] = set()
+        self._lock = threading.Lock()
+        self._permanent: set[str] = set()
+        self._scoped: Counter[str] = Counter()
+        self._values: tuple[str, ...] = ()  # swapped whole, so readers on any thread never see it change
 
     def add(self, values: Iterable[str | None]) -> None:
-        self._secrets.update(v for v in values if v and len(v) >= 6)
+        """Register values for the life of the process (the environment key, the API key, tokens)."""
+        with self._lock:
+            self._permanent.update(v for v in values if v and len(v) >= _MIN_SECRET_LENGTH)
+            self._rebuild()
+
+    @contextmanager
+    def scoped(self, values: Iterable[str | None]) -> Iterator[None]:
+        """Register values for the duration of the block (one work item's secret and token)."""
+        kept = [v for v in values if v and len(v) >= _MIN_SECRET_LENGTH]
+        with self._lock:
+            self._scoped.update(kept)
+            self._rebuild()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._scoped.subtract(kept)
+                self._scoped = +self._scoped
+                self._rebuild()
+
+    def _rebuild(self) -> None:
+        # Longest first, so a secret containing another is replaced whole.
+        self._values = tuple(sorted(self._permanent | set(self._scoped), key=len, reverse=True))
 
     def redact(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in self._values:
             if secret in text:
                 text = text.replace(secret, REDACTED)
+        for pattern, replacement in _SHAPES:
+            text = pattern.sub(replacement, text)
         return text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self._secrets:
-            message = self.redact(record.getMessage())
-            record.msg, record.args = message, None
-            if record.exc_info and not record.exc_text:
-                record.exc_text = logging.Formatter().formatException(record.exc_info)
-            if record.exc_text:
-                record.exc_text = self.redact(record.exc_text)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not raise out of a log call
+            message = f"{record.msg} (log arguments did not match the format)"
+        record.msg, record.args = self.redact(message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redact(record.exc_text)
+            record.exc_info = None  # formatters would otherwise render the raw traceback again
+        if record.stack_info:
+            record.stack_info = self.redact(record.stack_info)
         return True
+
+
+_redactor = RedactingFilter()
+
+
+def register_secret(*values: str | None) -> None:
+    """Never log these values, for the rest of the process (None and short values are ignored)."""
+    _redactor.add(values)
+
+
+def redacting(*values: str | None) -> AbstractContextManager[None]:
+    """Never log these values while the block runs: `with redacting(item.secret, token): ...`."""
+    return _redactor.scoped(values)
 
 
 class JsonFormatter(logging.Formatter):
@@ -58,15 +119,20 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
         }
         out.update(parse_event(message))
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
+        if record.exc_text:
             out["exception"] = record.exc_text
+        elif record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            out["stack"] = record.stack_info
         return json.dumps(out, default=str)
 
 
 def parse_event(message: str) -> dict[str, object]:
-    """`event k=v k2='v 2'` -> {"event": "event", "k": "v", "k2": "v 2"}; other text -> message."""
+    """`event k=v k2='v 2'` -> {"event": "event", "k": "v", "k2": "v 2"}; other text -> message.
+
+    `duration` and `*_seconds` values become numbers, so log pipelines can aggregate them.
+    """
     try:
         tokens = shlex.split(message, posix=True)
     except ValueError:
@@ -78,7 +144,7 @@ def parse_event(message: str) -> dict[str, object]:
     for token in tokens[1:]:
         match = _PAIR.match(token)
         if match:
-            fields[match.group(1)] = match.group(2)
+            fields[match.group(1)] = _value(match.group(1), match.group(2))
         else:
             rest.append(token)
     if rest:
@@ -86,11 +152,19 @@ def parse_event(message: str) -> dict[str, object]:
     return fields
 
 
-def configure(fmt: str = "text", level: str = "INFO") -> RedactingFilter:
-    """Install the root handler on stderr; returns the redaction filter to register secrets with."""
-    handler = logging.StreamHandler(sys.stderr)
-    redactor = RedactingFilter()
-    handler.addFilter(redactor)
+def _value(key: str, raw: str) -> object:
+    if _NUMERIC_KEYS.match(key):
+        try:
+            return float(raw.removesuffix("s"))
+        except ValueError:
+            return raw
+    return raw
+
+
+def configure(fmt: str = "text", level: str = "INFO", stream: TextIO | None = None) -> RedactingFilter:
+    """Install the root handler (on stderr by default); returns the process-wide redaction filter."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_redactor)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -98,7 +172,7 @@ def configure(fmt: str = "text", level: str = "INFO") -> RedactingFilter:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The HTTP stacks log every request at INFO; show them only when debugging.
-    for noisy in ("httpx", "httpx2", "httpcore", "urllib3", "docker"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
-    return redactor
+    # The HTTP stacks log request lines at DEBUG; keep them at INFO unless asked otherwise.
+    for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+    return _redactor
