@@ -20,14 +20,15 @@ from . import __version__
 from .containers import DockerBackend, SandboxSpec
 from .daemon import Daemon, ExitStatus, Summary
 from .errors import ConfigError, EngineError
-from .health import HealthState
+from .exporter import collecting
+from .health import HealthState, serving
 from .logs import configure as configure_logging
 from .metrics import Metrics
 from .notify import Notifier
 from .queue import WorkQueue
 from .session import SessionLimits, SessionSupervisor
 from .settings import Settings, load_settings
-from .workspace import Workspaces
+from .workspace import WorkspaceConfig, Workspaces
 
 log = logging.getLogger("sandboxd")
 
@@ -59,12 +60,14 @@ def sandbox_spec(settings: Settings) -> SandboxSpec:
     )
 
 
-async def run_daemon(settings: Settings, *, drain: bool, metrics: Metrics | None = None) -> Summary:
-    """Wire the daemon's parts from the settings and run it."""
+async def run_daemon(
+    settings: Settings, *, drain: bool, metrics: Metrics | None = None, backend: DockerBackend | None = None
+) -> Summary:
+    """Wire the daemon's parts from the settings and run it (`backend`: tests pass a fake engine)."""
     assert settings.environment_id and settings.environment_key
     environment_key = settings.environment_key.get_secret_value()
     metrics = metrics or Metrics()
-    backend = DockerBackend.from_env(sandbox_spec(settings))
+    backend = backend or DockerBackend.from_env(sandbox_spec(settings))
     if not await backend.ping():
         raise EngineError("the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")
     queue = WorkQueue(
@@ -82,7 +85,9 @@ async def run_daemon(settings: Settings, *, drain: bool, metrics: Metrics | None
         container_log_lines=settings.container_log_lines,
         allow_environment_key_in_sandbox=settings.allow_environment_key_in_sandbox,
     )
-    supervisor = SessionSupervisor(queue, backend, Workspaces(), metrics, limits, environment_key)
+    supervisor = SessionSupervisor(
+        queue, backend, Workspaces(WorkspaceConfig.from_settings(settings)), metrics, limits, environment_key
+    )
     health = HealthState(poll_window_seconds=settings.ready_poll_window_seconds)
     notifier = Notifier.from_environ(os.environ)
     daemon = Daemon(
@@ -92,7 +97,9 @@ async def run_daemon(settings: Settings, *, drain: bool, metrics: Metrics | None
         drain_timeout_seconds=settings.drain_timeout_seconds if drain else None,
     )
     try:
-        return await daemon.run(drain=drain)
+        # /metrics, /healthz and /readyz answer before the first poll; queue stats only with an API key.
+        async with serving(settings.metrics_address, metrics.registry, health), collecting(settings, metrics.queue):
+            return await daemon.run(drain=drain)
     finally:
         await queue.aclose()
         notifier.close()

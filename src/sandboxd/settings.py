@@ -110,13 +110,19 @@ class Settings(BaseSettings):
         default_factory=list, description="Hosts https file URLs may be downloaded from."
     )
     git_token_files: dict[str, Path] = Field(
-        default_factory=dict, description="Per-host https token files: {host: /path/to/token}."
+        default_factory=dict,
+        description="Per-host https token files: {host: /path/to/token}. A file holds one line, `token` "
+        "(sent as user x-access-token) or `user:token`; read at each fetch, never logged.",
     )
     git_ssh_key_files: dict[str, Path] = Field(
         default_factory=dict, description="Per-host ssh private key files: {host: /path/to/key}."
     )
-    git_ssh_known_hosts_file: Path | None = Field(None, description="known_hosts for ssh git URLs.")
-    fetch_timeout_seconds: float = Field(300.0, gt=0, description="Bound on fetching one repository or file.")
+    git_ssh_known_hosts_file: Path | None = Field(
+        None, description="known_hosts for ssh git URLs; without it ssh URLs are refused."
+    )
+    fetch_timeout_seconds: float = Field(
+        300.0, gt=0, description="Bound on fetching one repository (with its submodules) or one file."
+    )
     git_mirror_cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size bound of the git mirror cache.")
     file_max_bytes: int = Field(100 * 2**20, ge=1, description="Largest single file a session may name.")
     workspace_max_bytes: int = Field(2 * 2**30, ge=1, description="Largest total workspace a session may name.")
