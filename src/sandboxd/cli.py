@@ -85,9 +85,9 @@ async def run_daemon(
         container_log_lines=settings.container_log_lines,
         allow_environment_key_in_sandbox=settings.allow_environment_key_in_sandbox,
     )
-    supervisor = SessionSupervisor(
-        queue, backend, Workspaces(WorkspaceConfig.from_settings(settings)), metrics, limits, environment_key
-    )
+    workspaces = Workspaces(WorkspaceConfig.from_settings(settings))
+    await workspaces.reap_abandoned()  # staging left by a crashed run
+    supervisor = SessionSupervisor(queue, backend, workspaces, metrics, limits, environment_key)
     health = HealthState(poll_window_seconds=settings.ready_poll_window_seconds)
     notifier = Notifier.from_environ(os.environ)
     daemon = Daemon(

@@ -172,7 +172,7 @@ def configure(fmt: str = "text", level: str = "INFO", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The HTTP stacks log request lines at DEBUG; keep them at INFO unless asked otherwise.
+    # The HTTP stacks log every request URL at INFO (presigned download URLs included): only when debugging.
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "docker"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))
+        logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     return _redactor

@@ -26,7 +26,7 @@ from .metrics import Metrics
 from .outcome import ITEM_SETTLED_BY_SANDBOX, Outcome, outcome_for_exit
 from .protocol import Assignment, ExitCode, abort_line, sessions_token_from_secret, workspace_ready_line
 from .queue import WorkQueue
-from .workspace import Workspaces
+from .workspace import WorkspacePlan, Workspaces
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,9 @@ class SessionSupervisor:
             plan = self._workspaces.plan(metadata)
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
+            log.error("workspace_invalid work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
             await self._queue.force_stop(item)
-            return Outcome.WORKSPACE_FAILED, str(exc)
+            return Outcome.WORKSPACE_FAILED, f"{exc.reason}: {exc}"
         except (WorkItemError, APIError) as exc:
             await self._queue.force_stop(item)
             return Outcome.FAILED, f"{type(exc).__name__}: {exc}"
@@ -137,7 +138,7 @@ class SessionSupervisor:
         )
 
     async def _supervise(
-        self, item: BetaSelfHostedWork, sandbox: Sandbox, plan: object, environment_key: str | None, started: float
+        self, item: BetaSelfHostedWork, sandbox: Sandbox, plan: WorkspacePlan, environment_key: str | None, started: float
     ) -> tuple[Outcome, str]:
         assignment = Assignment(item.id, item.environment_id, item.data.id, getattr(item, "secret", None))
         line = assignment.to_line(environment_key)
@@ -162,18 +163,18 @@ class SessionSupervisor:
             return Outcome.WORKSPACE_FAILED, workspace_error
         return outcome_for_exit(status), _describe_exit(status)
 
-    async def _deliver_workspace(self, item: BetaSelfHostedWork, sandbox: Sandbox, plan: object) -> str | None:
+    async def _deliver_workspace(self, item: BetaSelfHostedWork, sandbox: Sandbox, plan: WorkspacePlan) -> str | None:
         """Fetch and deliver the workspace, then release the sandbox's tool calls (or abort it)."""
         began = time.monotonic()
         try:
-            async with self._workspaces.prepare(plan, item.id) as archive:  # type: ignore[arg-type]
+            async with self._workspaces.prepare(plan, item.id) as archive:
                 if archive is not None:
                     await self._backend.put_workspace(sandbox, archive)
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
             log.error("workspace_failed work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
             await self._backend.send(sandbox, abort_line(f"workspace failed: {exc}"))
-            return str(exc)
+            return f"{exc.reason}: {exc}"
         self._metrics.workspace_duration.observe(time.monotonic() - began)
         await self._backend.send(sandbox, workspace_ready_line())
         return None

@@ -153,3 +153,7 @@ class ContainerCounter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+# The git and file servers of the integration suite, for the workspace e2e tests.
+from tests.integration.conftest import file_server, git_fixture  # noqa: E402,F401
