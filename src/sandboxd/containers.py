@@ -236,8 +236,25 @@ class DockerBackend:
         if sandbox.container_id:
             await self._quietly(self._client.api.remove_container, sandbox.container_id, force=True, v=True)
         else:
-            await self._quietly(self._client.api.remove_container, sandbox.name, force=True, v=True)
-        await self._quietly(self._client.api.remove_volume, sandbox.volume, force=True)
+            # The create call may have been interrupted before it returned an id: find the container
+            # by its labels, never by name alone (a foreign container may hold the name).
+            for container_id in await self._labelled("containers", sandbox.work_id):
+                await self._quietly(self._client.api.remove_container, container_id, force=True, v=True)
+        for volume in await self._labelled("volumes", sandbox.work_id):
+            await self._quietly(self._client.api.remove_volume, volume, force=True)
+
+    async def _labelled(self, kind: str, work_id: str) -> list[str]:
+        """Ids of this instance's containers, or names of its volumes, for one work item."""
+        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}", f"{LABEL_WORK_ID}={work_id}"]
+        try:
+            if kind == "containers":
+                found = await self._call(self._client.api.containers, all=True, filters={"label": labels})
+                return [str(c["Id"]) for c in found]
+            listing = await self._call(self._client.api.volumes, filters={"label": labels})
+            return [str(v["Name"]) for v in (listing or {}).get("Volumes") or []]
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            log.warning("docker_list_failed kind=%s error=%s", kind, exc)
+            return []
 
     async def _quietly(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
         try:
