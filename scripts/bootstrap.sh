@@ -11,6 +11,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e '.[dev]'
+# checkov (the chart's security scan) pins an old `packaging` that pytest cannot use: its own venv.
+if [ ! -x .venv-checkov/bin/checkov ]; then
+    "$python" -m venv .venv-checkov
+    .venv-checkov/bin/python -m pip install --quiet checkov
+fi
 
 scripts/setup-engine.sh
 # debootstrap builds the local base image; promtool (Debian's prometheus) checks the alert rules.

@@ -137,6 +137,7 @@ class Daemon:
         async with anyio.create_task_group() as root:
             root.start_soon(self._watch_signals, name="signals")
             root.start_soon(self._tick, name="tick")
+            root.start_soon(self._check_engine, name="engine check")
             if drain and self._drain_timeout:
                 deadline = anyio.current_time() + self._drain_timeout
                 self._poll_scope.deadline = self._sessions_scope.deadline = deadline
@@ -204,7 +205,8 @@ class Daemon:
         an exited one is just removed.
         """
         for sandbox, state in await self._backend.owned():
-            log.warning("orphan_sandbox container=%s work_id=%s state=%s; removing", sandbox.name, sandbox.work_id, state)
+            log.warning("orphan_sandbox container=%s work_id=%s state=%s; removing",
+                        sandbox.name, sandbox.work_id, state)
             if state == "running":
                 await self._backend.stop(sandbox, 10)
             await self._backend.remove(sandbox)
@@ -216,7 +218,8 @@ class Daemon:
                 if not self._stopping:
                     self._stopping = True
                     self._poll_scope.cancel()
-                    self._sessions_scope.deadline = min(self._sessions_scope.deadline, anyio.current_time() + self._grace)
+                    grace_ends = anyio.current_time() + self._grace
+                    self._sessions_scope.deadline = min(self._sessions_scope.deadline, grace_ends)
                     log.warning("shutdown_requested signal=%s running=%d grace=%.0fs", name, self._running, self._grace)
                     self._notifier.stopping(f"stopping: {self._running} session(s) finishing")
                 else:
@@ -225,17 +228,19 @@ class Daemon:
                     self._sessions_scope.cancel()
 
     async def _tick(self) -> None:
-        """Main-loop progress: liveness, watchdog pings, status, and the engine check."""
+        """Main-loop progress: liveness, watchdog pings and status, never held up by the engine."""
         interval = min(1.0, self._notifier.watchdog_interval_seconds or 1.0)
-        next_engine_check = 0.0
         while True:
             self._health.tick()
             self._notifier.watchdog()
             self._notifier.status(self._status_text())
-            if time.monotonic() >= next_engine_check:
-                self._health.engine_ok = await self._backend.ping()
-                next_engine_check = time.monotonic() + 10
             await anyio.sleep(interval)
+
+    async def _check_engine(self) -> None:
+        """Readiness needs the Docker engine: ask it every 10 s."""
+        while True:
+            self._health.engine_ok = await self._backend.ping()
+            await anyio.sleep(10)
 
     def _status_text(self) -> str:
         return f"{self._running}/{self._capacity} sessions running" + (" (stopping)" if self._stopping else "")

@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import AsyncIterator
 
@@ -195,14 +196,22 @@ async def _stdin_lines(fd: int) -> AsyncIterator[bytes]:
 
 
 async def _amain(args: argparse.Namespace) -> ExitCode:
-    lines = _stdin_lines(sys.stdin.fileno())
+    fd = sys.stdin.fileno()
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        log.error("stdin is not a pipe: this image's entrypoint takes its work item from sandboxd "
+                  "(run `sandboxd run`, or attach stdin with `docker run -i`)")
+        return ExitCode.BAD_ASSIGNMENT
+    lines = _stdin_lines(fd)
     try:
         message = parse_line(await anext(lines))
         if message["type"] != ASSIGNMENT:
             raise ValueError(f"expected an assignment, got {message['type']!r}")
         assignment = Assignment.from_message(message)
         environment_key = message.get("environment_key") or None
-    except (StopAsyncIteration, ValueError) as exc:
+    except StopAsyncIteration:
+        log.error("stdin closed before a work item was assigned")
+        return ExitCode.BAD_ASSIGNMENT
+    except ValueError as exc:
         log.error("no valid assignment on stdin: %s", exc)
         return ExitCode.BAD_ASSIGNMENT
     log.info("assigned work_id=%s session_id=%s", assignment.work_id, assignment.session_id)

@@ -138,7 +138,12 @@ class SessionSupervisor:
         )
 
     async def _supervise(
-        self, item: BetaSelfHostedWork, sandbox: Sandbox, plan: WorkspacePlan, environment_key: str | None, started: float
+        self,
+        item: BetaSelfHostedWork,
+        sandbox: Sandbox,
+        plan: WorkspacePlan,
+        environment_key: str | None,
+        started: float,
     ) -> tuple[Outcome, str]:
         assignment = Assignment(item.id, item.environment_id, item.data.id, getattr(item, "secret", None))
         line = assignment.to_line(environment_key)

@@ -33,7 +33,8 @@ def test_six_sessions_three_at_a_time_all_tools(harness: Harness) -> None:
     state = cp.state_snapshot()
     for session_id in ids:
         _assert_served_by_its_own_sandbox(state, session_id)
-    assert {r["name"] for r in state["sessions"][ids[0]]["results"]} == {"bash", "read", "write", "edit", "glob", "grep"}
+    tools = {r["name"] for r in state["sessions"][ids[0]]["results"]}
+    assert tools == {"bash", "read", "write", "edit", "glob", "grep"}
     assert "sessions run: 6  succeeded: 6  failed: 0" in run.output
     assert len(counter.seen) == 6, "one container per session"
     assert 1 <= counter.peak <= 3, f"capacity exceeded: {counter.peak} sandboxes at once"

@@ -117,10 +117,14 @@ def test_bad_metadata_fails_its_session_only_and_leaves_nothing(
     app = git_fixture.url(git_fixture.repos.app)
     # Rejected before any container starts: the plan is invalid.
     escaping = cp.add_session(ScriptedSession(metadata={"repo": f"{app} path=../../etc"}, steps=[_step("true")]))
-    forbidden = cp.add_session(ScriptedSession(metadata={"repo": "https://evil.example.com/x.git"}, steps=[_step("true")]))
+    forbidden = cp.add_session(
+        ScriptedSession(metadata={"repo": "https://evil.example.com/x.git"}, steps=[_step("true")])
+    )
     # Fails while fetching, after the sandbox took the lease: the sandbox is aborted and stops its item.
     no_ref = cp.add_session(ScriptedSession(metadata={"repo": f"{app} ref=no-such-branch"}, steps=[_step("true")]))
-    good = cp.add_session(ScriptedSession(metadata={"repo": app}, steps=[_step("ls /workspace/app", contains=["run.sh"])]))
+    good = cp.add_session(
+        ScriptedSession(metadata={"repo": app}, steps=[_step("ls /workspace/app", contains=["run.sh"])])
+    )
 
     with ContainerCounter(harness.docker, harness.worker_id) as counter:
         run = harness.drain("--max-sessions", "2", **fetch_env)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2 as httpx  # the HTTP client the anthropic SDK ships
 import pytest
 from anthropic import (
     APIStatusError,

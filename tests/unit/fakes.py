@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from sandboxd.containers import Sandbox
@@ -52,7 +53,7 @@ class FakeQueue:
 
     async def claims(self, *, drain: bool) -> AsyncIterator[BetaSelfHostedWork]:
         for item in self.items:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             if self.running is not None:
                 self.claimed_while.append(self.running())
             yield item
