@@ -9,7 +9,8 @@ bootstrap:            ## venv, Docker engine, images
 demo: bootstrap       ## the daemon against the local control plane, real containers
 	$(PY) -m sandboxd demo
 
-test: bootstrap       ## every suite: unit, integration, e2e
+test:                 ## set up (with the test-only tools), then every suite: unit, integration, e2e
+	WITH_TEST_TOOLS=1 scripts/bootstrap.sh
 	$(PY) -m pytest -q
 
 lint:

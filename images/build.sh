@@ -54,6 +54,7 @@ for spec in "sandbox=$sandbox_tag" "daemon=$daemon_tag"; do
     echo "building $tag and $versioned (images/$dir, base $base)"
     docker build --quiet --network "$network" --build-arg BASE_IMAGE="$base" --build-arg VERSION="$version" \
         ${SOURCE_HASH:+--label "io.sandboxd.source-hash=$SOURCE_HASH"} \
-        -f "images/$dir/Dockerfile" -t "$tag" -t "$versioned" . >/dev/null
+        -f "images/$dir/Dockerfile" -t "$tag" -t "$versioned" . 2>&1 >/dev/null \
+        | { grep -vE 'DEPRECATED: The legacy builder|buildx component|docs.docker.com/go/buildx|^[[:space:]]*$' || true; }
 done
 echo "built $sandbox_tag and $daemon_tag (also tagged :$version)"

@@ -11,17 +11,22 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
 .venv/bin/python -m pip install --quiet -e '.[dev]'
-# checkov (the chart's security scan) pins an old `packaging` that pytest cannot use: its own venv.
-if [ ! -x .venv-checkov/bin/checkov ]; then
+# checkov (the chart's security scan, tests only) pins an old `packaging` that pytest cannot use:
+# it gets a venv of its own.
+if [ "${WITH_TEST_TOOLS:-0}" = 1 ] && [ ! -x .venv-checkov/bin/checkov ]; then
     "$python" -m venv .venv-checkov
     .venv-checkov/bin/python -m pip install --quiet checkov
 fi
 
 scripts/setup-engine.sh
 # debootstrap builds the local base image; promtool (Debian's prometheus) checks the alert rules.
-if ! command -v debootstrap >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+packages=""
+command -v debootstrap >/dev/null 2>&1 || packages="debootstrap"
+if [ "${WITH_TEST_TOOLS:-0}" = 1 ] && ! command -v promtool >/dev/null 2>&1; then packages="$packages prometheus"; fi
+if [ -n "$packages" ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap prometheus >/dev/null
+    # shellcheck disable=SC2086 # a list of package names
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $packages >/dev/null
 fi
 
 # Rebuild when the sources the images are made of changed (so tests never run a stale sandbox).

@@ -14,7 +14,7 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
@@ -23,7 +23,7 @@ from anthropic import APIStatusError, AsyncAnthropic
 from anthropic.types.beta.environments import BetaSelfHostedWorkQueueStats
 
 from .errors import ConfigError
-from .health import serving
+from .health import Liveness, serving
 from .metrics import QueueMetrics
 from .settings import Settings
 
@@ -158,19 +158,11 @@ async def collecting(settings: Settings, metrics: QueueMetrics) -> AsyncIterator
             tg.cancel_scope.cancel()
 
 
-@dataclass
-class ExporterProbes:
+@dataclass(kw_only=True)
+class ExporterProbes(Liveness):
     """/healthz: the event loop ticks. /readyz: the last scrape succeeded."""
 
     collector: StatsCollector
-    liveness_window_seconds: float = 30.0
-    last_tick: float = field(default_factory=time.monotonic)
-
-    def live(self) -> tuple[bool, str]:
-        stalled = time.monotonic() - self.last_tick
-        if stalled > self.liveness_window_seconds:
-            return False, f"main loop stalled for {stalled:.0f}s"
-        return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
         live, why = self.live()
@@ -182,9 +174,9 @@ class ExporterProbes:
             return False, "waiting for the first scrape"
         return (True, "ok") if self.collector.last_ok else (False, "the last queue-stats scrape failed")
 
-    async def tick(self) -> None:
+    async def keep_ticking(self) -> None:
         while True:
-            self.last_tick = time.monotonic()
+            self.tick()
             await anyio.sleep(1.0)
 
 
@@ -204,9 +196,9 @@ async def _serve(settings: Settings) -> int:
         collector = StatsCollector(
             client, settings.environment_id, metrics, interval_seconds=settings.stats_interval_seconds
         )
-        probes = ExporterProbes(collector)
+        probes = ExporterProbes(collector=collector)
         async with serving(settings.metrics_address, registry, probes) as url, anyio.create_task_group() as tg:
-            tg.start_soon(probes.tick, name="tick")
+            tg.start_soon(probes.keep_ticking, name="tick")
             await tg.start(collector.run, name="queue-stats")
             log.info("exporter_ready environment_id=%s url=%s interval_seconds=%g",
                      settings.environment_id, url, settings.stats_interval_seconds)

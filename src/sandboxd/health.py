@@ -36,17 +36,11 @@ class Probes(Protocol):
     def ready(self) -> tuple[bool, str]: ...
 
 
-@dataclass
-class HealthState:
-    """Shared by the daemon's loops (writers) and the HTTP endpoints (readers)."""
+@dataclass(kw_only=True)
+class Liveness:
+    """The process's main loop is making progress: something calls `tick` at least every window."""
 
-    poll_window_seconds: float
-    seconds_since_poll: Callable[[], float | None] = lambda: None
-    at_capacity: Callable[[], bool] = lambda: False
     liveness_window_seconds: float = 30.0
-    engine_ok: bool = False
-    polling: bool = False  # the poll loop is running (false before start-up and after shutdown began)
-    started_at: float = field(default_factory=time.monotonic)
     last_tick: float = field(default_factory=time.monotonic)
 
     def tick(self) -> None:
@@ -57,6 +51,18 @@ class HealthState:
         if stalled > self.liveness_window_seconds:
             return False, f"main loop stalled for {stalled:.0f}s"
         return True, "ok"
+
+
+@dataclass(kw_only=True)
+class HealthState(Liveness):
+    """Shared by the daemon's loops (writers) and the HTTP endpoints (readers)."""
+
+    poll_window_seconds: float
+    seconds_since_poll: Callable[[], float | None] = lambda: None
+    at_capacity: Callable[[], bool] = lambda: False
+    engine_ok: bool = False
+    polling: bool = False  # the poll loop is running (false before start-up and after shutdown began)
+    started_at: float = field(default_factory=time.monotonic)
 
     def ready(self) -> tuple[bool, str]:
         live, why = self.live()
