@@ -203,7 +203,10 @@ class DockerBackend:
 
     async def put_workspace(self, sandbox: Sandbox, archive: IO[bytes]) -> None:
         """Extract a tar stream into the sandbox's /workspace (ownership as in the tar headers)."""
-        ok = await self._call(self._client.api.put_archive, sandbox.container_id, WORKSPACE, archive)
+        try:
+            ok = await self._call(self._client.api.put_archive, sandbox.container_id, WORKSPACE, archive)
+        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raise EngineError(f"put_archive failed: {exc}") from exc
         if not ok:
             raise EngineError("the engine refused the workspace archive")
 

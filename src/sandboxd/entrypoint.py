@@ -138,7 +138,7 @@ class ItemServer:
         if self.watch.lease_rejected:
             return ExitCode.HEARTBEAT_REJECTED
         if error is not None:
-            return ExitCode.ERROR
+            return ExitCode.FAILED if self.watch.stopped else ExitCode.ERROR
         if not self.watch.stopped:
             return ExitCode.LEASE_LOST  # no stop was sent: the SDK judged the lease gone
         return ExitCode.SERVED

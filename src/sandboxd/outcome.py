@@ -24,7 +24,14 @@ class Outcome(enum.Enum):
 # Exit statuses after which the container has force-stopped its own item (or must not: lease lost).
 # After any other status (a crash, SIGKILL, OOM, a bad assignment) the daemon stops the item itself.
 ITEM_SETTLED_BY_SANDBOX = frozenset(
-    {ExitCode.SERVED, ExitCode.LEASE_LOST, ExitCode.ABORTED, ExitCode.HEARTBEAT_REJECTED, ExitCode.CANCELLED}
+    {
+        ExitCode.SERVED,
+        ExitCode.LEASE_LOST,
+        ExitCode.ABORTED,
+        ExitCode.HEARTBEAT_REJECTED,
+        ExitCode.CANCELLED,
+        ExitCode.FAILED,
+    }
 )
 
 

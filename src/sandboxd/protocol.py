@@ -31,12 +31,13 @@ class ExitCode(enum.IntEnum):
     """How a sandbox's work item ended, as its entrypoint's exit status."""
 
     SERVED = 0  # the session ran and the container force-stopped its own item
-    ERROR = 1  # the worker raised; the SDK still force-stopped the item unless the lease was lost
+    ERROR = 1  # a crash before or around the worker (Python's own status): the item may not be stopped
     BAD_ASSIGNMENT = 2  # stdin did not carry a valid assignment; nothing was claimed
     LEASE_LOST = 3  # a heartbeat met 412 or none succeeded for a TTL: the item belongs to someone else
     ABORTED = 4  # the daemon aborted the session (workspace failed); the item was force-stopped
     HEARTBEAT_REJECTED = 5  # the API refused the lease (4xx); the item was force-stopped
     CANCELLED = 6  # SIGTERM (shutdown or max session duration); the item was force-stopped
+    FAILED = 7  # the worker raised, and the item was force-stopped (or its lease was gone)
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,14 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import IO
 
 import anyio
 from anthropic import APIError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from .containers import DockerBackend, Sandbox
-from .errors import LaunchError, WorkItemError, WorkspaceError
+from .errors import EngineError, LaunchError, WorkItemError, WorkspaceError
 from .logs import redacting
 from .metrics import Metrics
 from .outcome import ITEM_SETTLED_BY_SANDBOX, Outcome, outcome_for_exit
@@ -161,7 +162,7 @@ class SessionSupervisor:
             raise
         if timer.cancelled_caught:
             log.warning("session_timed_out work_id=%s after=%.0fs", item.id, self._limits.max_session_seconds)
-            status = await self._stop_sandbox(item, sandbox)
+            await self._stop_sandbox(item, sandbox)
             return Outcome.TIMED_OUT, f"exceeded max_session_seconds={self._limits.max_session_seconds:g}"
         await self._settle(item, status)
         if workspace_error is not None:
@@ -174,7 +175,7 @@ class SessionSupervisor:
         try:
             async with self._workspaces.prepare(plan, item.id) as archive:
                 if archive is not None:
-                    await self._backend.put_workspace(sandbox, archive)
+                    await self._deliver_archive(sandbox, archive)
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
             log.error("workspace_failed work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
@@ -183,6 +184,12 @@ class SessionSupervisor:
         self._metrics.workspace_duration.observe(time.monotonic() - began)
         await self._backend.send(sandbox, workspace_ready_line())
         return None
+
+    async def _deliver_archive(self, sandbox: Sandbox, archive: IO[bytes]) -> None:
+        try:
+            await self._backend.put_workspace(sandbox, archive)
+        except EngineError as exc:
+            raise WorkspaceError("delivery_failed", f"the engine did not take the workspace: {exc}") from exc
 
     async def _stop_sandbox(self, item: BetaSelfHostedWork, sandbox: Sandbox) -> int:
         """SIGTERM the sandbox (its worker force-stops the item), then make sure the item is settled."""
@@ -196,7 +203,7 @@ class SessionSupervisor:
 
     async def _settle(self, item: BetaSelfHostedWork, status: int) -> None:
         """Stop the item when the sandbox could not have (crash, SIGKILL, OOM, bad assignment)."""
-        if status not in ITEM_SETTLED_BY_SANDBOX and status != ExitCode.ERROR:
+        if status not in ITEM_SETTLED_BY_SANDBOX:
             log.warning("sandbox_died work_id=%s exit=%s; stopping the item", item.id, status)
             await self._queue.force_stop(item)
 

@@ -105,7 +105,8 @@ async def test_allowed_environment_key_is_handed_over_on_stdin_only() -> None:
         (ExitCode.SERVED, Outcome.SUCCEEDED, False),
         (ExitCode.LEASE_LOST, Outcome.LEASE_LOST, False),  # the item belongs to someone else now
         (ExitCode.HEARTBEAT_REJECTED, Outcome.FAILED, False),
-        (ExitCode.ERROR, Outcome.FAILED, False),
+        (ExitCode.FAILED, Outcome.FAILED, False),  # the worker raised after stopping its item
+        (ExitCode.ERROR, Outcome.FAILED, True),  # a crash: the item may still be held
         (137, Outcome.FAILED, True),  # SIGKILL/OOM: the sandbox could not stop its item
         (ExitCode.BAD_ASSIGNMENT, Outcome.FAILED, True),
     ],
