@@ -19,10 +19,14 @@ if [ "${WITH_TEST_TOOLS:-0}" = 1 ] && [ ! -x .venv-checkov/bin/checkov ]; then
 fi
 
 scripts/setup-engine.sh
-# debootstrap builds the local base image; promtool (Debian's prometheus) checks the alert rules.
+# debootstrap builds the local base image. For the tests: promtool (Debian's prometheus) checks the
+# alert rules, sshd (openssh-server) serves git over ssh on loopback.
 packages=""
 command -v debootstrap >/dev/null 2>&1 || packages="debootstrap"
-if [ "${WITH_TEST_TOOLS:-0}" = 1 ] && ! command -v promtool >/dev/null 2>&1; then packages="$packages prometheus"; fi
+if [ "${WITH_TEST_TOOLS:-0}" = 1 ]; then
+    command -v promtool >/dev/null 2>&1 || packages="$packages prometheus"
+    [ -x /usr/sbin/sshd ] || packages="$packages openssh-server"
+fi
 if [ -n "$packages" ]; then
     apt-get update -qq
     # shellcheck disable=SC2086 # a list of package names

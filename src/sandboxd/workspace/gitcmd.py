@@ -58,6 +58,19 @@ _REASONS = (
 )
 
 
+# What git says after every ssh failure, whatever the cause: not worth reporting when ssh said more.
+_GENERIC_ADVICE = re.compile(
+    r"^(fatal: Could not read from remote repository\.|Please make sure you have the correct access rights"
+    r"|and the repository exists\.)"
+)
+
+_DIAGNOSIS = re.compile(
+    r"Host key verification failed|Permission denied|Could not resolve|Connection refused|timed out"
+    r"|Authentication failed|not found|couldn't find remote ref",
+    re.IGNORECASE,
+)
+
+
 class GitFailed(Exception):
     """A git command exited non-zero; `stderr` is already scrubbed of secrets."""
 
@@ -67,8 +80,14 @@ class GitFailed(Exception):
         self.stderr = stderr
 
     def last_line(self) -> str:
-        lines = [line for line in self.stderr.strip().splitlines() if line.strip()]
-        return lines[-1].removeprefix("fatal: ").strip() if lines else f"exit status {self.returncode}"
+        """The most telling line of git's output: ssh's own diagnosis (host key, permission) over
+        git's generic "could not read from remote" advice, else git's last word."""
+        lines = [line.strip() for line in self.stderr.strip().splitlines() if line.strip(" @\t")]
+        diagnosis = [line for line in lines if _DIAGNOSIS.search(line)]
+        specific = diagnosis or [line for line in lines if not _GENERIC_ADVICE.search(line)]
+        if specific:
+            return specific[0].removeprefix("fatal: ")
+        return lines[-1].removeprefix("fatal: ") if lines else f"exit status {self.returncode}"
 
     def reason(self) -> str:
         for reason, pattern in _REASONS:
