@@ -160,8 +160,31 @@ class _GitServerImpl(_Quiet):
     requests: list[GitRequest]
 
 
+class _Loopback:
+    """A threaded HTTP server on 127.0.0.1 (any free port), stopped on exit."""
+
+    _server: _Quiet | None
+
+    def _serve(self, server: _Quiet, name: str) -> None:
+        self._server = server
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+
+    @property
+    def host(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}/{path.lstrip('/')}"
+
+
 @dataclass
-class GitHttpServer:
+class GitHttpServer(_Loopback):
     """`git http-backend` over HTTP on 127.0.0.1; `/private/...` needs basic auth with `token`.
 
     `latency_seconds` (per request) and `bytes_per_second` (of responses) imitate a remote server.
@@ -177,22 +200,8 @@ class GitHttpServer:
         server = _GitServerImpl(("127.0.0.1", 0), _GitHandler)
         server.root, server.token, server.requests = self.root, self.token, []
         server.latency_seconds, server.bytes_per_second = self.latency_seconds, self.bytes_per_second
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="git-http", daemon=True).start()
+        self._serve(server, "git-http")
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def host(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.server_address[1]}"
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}/{path.lstrip('/')}"
 
     @property
     def requests(self) -> list[GitRequest]:
@@ -303,7 +312,7 @@ class _FileServerImpl(_Quiet):
 
 
 @dataclass
-class FileServer:
+class FileServer(_Loopback):
     """Static files (`files`), `/stall/*` (never answers), `/redirect/*?to=URL`, `/unsized/*` (no
     Content-Length), and the Files API routes `/v1/files/{id}` and `/v1/files/{id}/content`."""
 
@@ -317,22 +326,8 @@ class FileServer:
         server = _FileServerImpl(("127.0.0.1", 0), _FileHandler)
         server.files, server.api_files, server.api_key = self.files, self.api_files, self.api_key
         server.stall_seconds, server.requests = self.stall_seconds, []
-        self._server = server
-        threading.Thread(target=server.serve_forever, name="file-http", daemon=True).start()
+        self._serve(server, "file-http")
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.shutdown()
-        self._server.server_close()
-
-    @property
-    def host(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.server_address[1]}"
-
-    def url(self, path: str) -> str:
-        return f"http://{self.host}/{path.lstrip('/')}"
 
     def add(self, name: str, content: bytes) -> str:
         """Serve `content` at /name (and /unsized/name); returns its sha256."""
