@@ -187,12 +187,6 @@ class Daemon:
         try:
             if not await self._supervisor.serve(item, self.summary.results.append):
                 self.summary.healthchecks += 1
-        except Exception:  # a bug in serving one item must not take the daemon down
-            log.exception("session_crashed work_id=%s", item.id)
-            with anyio.CancelScope(shield=True):
-                await self._queue.force_stop(item)
-            self._metrics.sessions_finished.labels(Outcome.FAILED.value).inc()
-            self.summary.results.append(SessionResult(item.id, item.data.id, Outcome.FAILED, 0.0, "internal error"))
         finally:
             self._running -= 1
             self._metrics.sessions_running.set(self._running)

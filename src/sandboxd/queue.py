@@ -28,7 +28,6 @@ class PollHealth:
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.last_success: float | None = None  # monotonic
-        self.consecutive_errors = 0
         self._metrics = metrics
 
     def __call__(
@@ -38,14 +37,11 @@ class PollHealth:
             return
         if response is not None and response.is_success:
             self.last_success = time.monotonic()
-            self.consecutive_errors = 0
             if self._metrics:
                 self._metrics.polls.inc()
                 self._metrics.last_poll_success.set_to_current_time()
-        else:
-            self.consecutive_errors += 1
-            if self._metrics:
-                self._metrics.poll_errors.inc()
+        elif self._metrics:
+            self._metrics.poll_errors.inc()
 
     def seconds_since_success(self) -> float | None:
         return None if self.last_success is None else time.monotonic() - self.last_success

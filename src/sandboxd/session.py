@@ -85,6 +85,11 @@ class SessionSupervisor:
         except anyio.get_cancelled_exc_class():
             report(self._finished(item, Outcome.CANCELLED, started, "stopped by the daemon's shutdown"))
             raise
+        except Exception:  # a bug in serving one item fails that item, never the daemon
+            log.exception("session_crashed work_id=%s", item.id)
+            with anyio.CancelScope(shield=True):
+                await self._queue.force_stop(item)
+            outcome, reason = Outcome.FAILED, "internal error (traceback in the log)"
         report(self._finished(item, outcome, started, reason))
         return True
 

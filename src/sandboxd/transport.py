@@ -62,7 +62,7 @@ def hooked_http_client(gate: Gate | None = None) -> tuple[httpx2.AsyncClient, Ho
 def route(request: httpx2.Request) -> str:
     """A bounded name for a work-queue request: poll, ack, heartbeat, stop, stats, or other."""
     path = request.url.path.rstrip("/")
-    if "/work/" in path or path.endswith("/work/stats"):
+    if "/work/" in path:
         last = path.rsplit("/", 1)[-1]
         if last in ("poll", "ack", "heartbeat", "stop", "stats"):
             return last

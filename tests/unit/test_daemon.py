@@ -145,3 +145,21 @@ async def test_drain_timeout_stops_sessions_and_reports_it() -> None:
     assert summary.drain_timed_out and summary.exit_code(drain=True) == ExitStatus.DRAIN_TIMEOUT
     assert [r.outcome for r in summary.results] == [Outcome.CANCELLED]
     assert backend.stopped == ["work_1"] and backend.removed == ["work_1"]
+
+
+async def test_a_bug_while_serving_fails_that_item_only() -> None:
+    class BuggyBackend(FakeBackend):
+        async def launch(self, work_id: str, session_id: str, environment_id: str):  # type: ignore[no-untyped-def]
+            if work_id == "work_1":
+                raise RuntimeError("a bug")
+            return await super().launch(work_id, session_id, environment_id)
+
+    queue = FakeQueue(items=[work_item(1), work_item(2)])
+    daemon, metrics = _daemon(queue, BuggyBackend())
+
+    summary = await daemon.run(drain=True)
+
+    assert [r.outcome for r in summary.results] == [Outcome.FAILED, Outcome.SUCCEEDED]
+    assert "internal error" in summary.results[0].reason
+    assert queue.stopped == ["work_1"], "the item the bug hit is stopped, not left to its lease"
+    assert _finished(metrics, Outcome.FAILED) == 1
