@@ -1,22 +1,29 @@
-"""Sandbox containers on a Docker engine: create hardened, hand off, wait, collect, remove.
+"""Sandbox containers on a Docker engine: create hardened, assign, follow, wait, collect, remove.
 
 `DockerBackend` is the only module that talks to Docker. The `docker` package is synchronous, so
 every call goes through `anyio.to_thread` with a limiter; callers stay on the event loop. Each
 sandbox gets its own labelled volume at /workspace (content is delivered through the engine with
 `put_archive`, so the daemon needs no host path shared with the engine and no root to set
-ownership), and labels that let a restarted daemon find its containers again.
+ownership), and labels that let a restarted daemon find its containers again. A sandbox is
+created without work (so it can wait in the warm pool); its assignment is recorded on the engine
+(`AssignmentRecord`) when it is handed one, so a restarted daemon knows whose it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
 import socket
-from collections.abc import Callable, Mapping
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import IO, Any, ParamSpec, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.to_thread
 import docker
 import docker.errors
 import requests
@@ -24,18 +31,26 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from .errors import EngineError, LaunchError
+from .settlement import ItemRef
 
 log = logging.getLogger(__name__)
 
 LABEL_MANAGED = "io.sandboxd.managed"
 LABEL_INSTANCE = "io.sandboxd.instance"
+LABEL_SANDBOX = "io.sandboxd.sandbox"  # the container's name, on everything that belongs to it
+LABEL_ROLE = "io.sandboxd.role"  # "workspace" or "assignment" on volumes
+LABEL_IMAGE_ID = "io.sandboxd.image-id"
+LABEL_CREATED = "io.sandboxd.created-at"
 LABEL_WORK_ID = "io.sandboxd.work-id"
 LABEL_SESSION_ID = "io.sandboxd.session-id"
 LABEL_ENVIRONMENT_ID = "io.sandboxd.environment-id"
+LABEL_STARTED = "io.sandboxd.started-at"
+LABEL_DEADLINE = "io.sandboxd.deadline"
 WORKSPACE = "/workspace"
 
 P = ParamSpec("P")
 T = TypeVar("T")
+_ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException)
 
 
 @dataclass(frozen=True)
@@ -55,21 +70,68 @@ class SandboxSpec:
     runtime: str | None = None
     instance: str = "sandboxd"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Host directory -> container path, read-only (the broker's socket directory).
+    bind_mounts: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    """What the daemon must know about an assigned sandbox after a restart.
+
+    Kept on the engine, as the labels of a small volume created with the assignment, so it
+    survives the daemon (and its state directory) as long as the sandbox does.
+    """
+
+    item: ItemRef
+    started_at: float  # wall clock: the claim
+    deadline: float  # wall clock: max_session_seconds after the claim
+
+    def labels(self) -> dict[str, str]:
+        return {
+            LABEL_WORK_ID: self.item.work_id,
+            LABEL_SESSION_ID: self.item.session_id,
+            LABEL_ENVIRONMENT_ID: self.item.environment_id,
+            LABEL_STARTED: f"{self.started_at:.3f}",
+            LABEL_DEADLINE: f"{self.deadline:.3f}",
+        }
+
+    @classmethod
+    def from_labels(cls, labels: Mapping[str, str]) -> AssignmentRecord | None:
+        try:
+            item = ItemRef(labels[LABEL_WORK_ID], labels[LABEL_ENVIRONMENT_ID], labels[LABEL_SESSION_ID])
+            return cls(item, float(labels[LABEL_STARTED]), float(labels[LABEL_DEADLINE]))
+        except (KeyError, ValueError):
+            return None
 
 
 @dataclass
 class Sandbox:
-    """A running sandbox: its container, its workspace volume and the open stdin stream."""
+    """One sandbox container with its workspace volume, its open stdin and (once assigned) its record."""
 
     container_id: str
     name: str
-    volume: str
-    work_id: str
+    image_id: str = ""
+    created_at: float = 0.0  # wall clock
     stdin: socket.socket | None = None
+    record: AssignmentRecord | None = None
+
+    @property
+    def volume(self) -> str:
+        return self.name + "-workspace"
+
+    @property
+    def record_volume(self) -> str:
+        return self.name + "-assignment"
 
 
-def _safe_name(value: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_.-]", "-", value)[:100]
+@dataclass(frozen=True)
+class Found:
+    """A sandbox of this instance found on the engine at start-up."""
+
+    sandbox: Sandbox
+    running: bool
+    exit_status: int
+    oom_killed: bool
 
 
 class DockerBackend:
@@ -79,7 +141,7 @@ class DockerBackend:
         self._client = client
         self.spec = spec
         self._calls = anyio.CapacityLimiter(max_threads)
-        self._waits = anyio.CapacityLimiter(1024)  # one long `wait` per running sandbox
+        self._waits = anyio.CapacityLimiter(2048)  # a long `wait` and a log follower per sandbox
 
     @classmethod
     def from_env(cls, spec: SandboxSpec) -> DockerBackend:
@@ -95,67 +157,64 @@ class DockerBackend:
     async def ping(self) -> bool:
         try:
             return bool(await self._call(self._client.ping))
-        except (docker.errors.DockerException, requests.RequestException):
+        except _ENGINE_ERRORS:
             return False
 
-    def labels(self, work_id: str, session_id: str, environment_id: str) -> dict[str, str]:
-        return {
-            LABEL_MANAGED: "true",
-            LABEL_INSTANCE: self.spec.instance,
-            LABEL_WORK_ID: work_id,
-            LABEL_SESSION_ID: session_id,
-            LABEL_ENVIRONMENT_ID: environment_id,
-        }
+    def _labels(self, sandbox: str, **extra: str) -> dict[str, str]:
+        return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.spec.instance, LABEL_SANDBOX: sandbox, **extra}
 
-    async def launch(self, work_id: str, session_id: str, environment_id: str) -> Sandbox:
-        """Create the workspace volume and the hardened container, start it and open its stdin.
-
-        Raises LaunchError with a bounded reason; whatever was created is removed first.
-        """
-        labels = self.labels(work_id, session_id, environment_id)
-        name = _safe_name(f"sandboxd-{work_id}")
-        sandbox = Sandbox(container_id="", name=name, volume=name + "-workspace", work_id=work_id)
-        try:
-            await self._ensure_image()
-            await self._call(self._client.volumes.create, name=sandbox.volume, labels=labels)
-            container = await self._call(self._create, sandbox, labels)
-            sandbox.container_id = container.id or ""
-            await self._call(container.start)
-            sandbox.stdin = await self._call(self._attach_stdin, container)
-        except BaseException as exc:
-            # Also on cancellation: the container has a deterministic name, so it is found and removed
-            # even when the create call was interrupted before returning its id.
-            with anyio.CancelScope(shield=True):
-                await self.remove(sandbox)
-            if isinstance(exc, docker.errors.ImageNotFound):
-                raise LaunchError("image_missing", f"sandbox image {self.spec.image!r} not found: {exc}") from exc
-            if isinstance(exc, docker.errors.DockerException | requests.RequestException):
-                raise LaunchError(_launch_reason(exc), f"could not start the sandbox container: {exc}") from exc
-            raise
-        return sandbox
-
-    async def _ensure_image(self) -> None:
+    async def image_id(self) -> str:
+        """What the `image` setting resolves to now (pulled per the pull policy); LaunchError if absent."""
         policy, image = self.spec.pull_policy, self.spec.image
         if policy != "always":
             try:
-                await self._call(self._client.images.get, image)
-                return
+                return str((await self._call(self._client.images.get, image)).id)
             except docker.errors.ImageNotFound:
                 if policy == "never":
                     raise LaunchError(
                         "image_missing", f"sandbox image {image!r} is not present and pull_policy is never"
                     ) from None
+            except _ENGINE_ERRORS as exc:
+                raise LaunchError(_launch_reason(exc), f"could not inspect the sandbox image: {exc}") from exc
         try:
-            await self._call(self._client.images.pull, image)
+            return str((await self._call(self._client.images.pull, image)).id)
         except docker.errors.DockerException as exc:
             raise LaunchError("image_missing", f"sandbox image {image!r} could not be pulled: {exc}") from exc
 
-    def _create(self, sandbox: Sandbox, labels: dict[str, str]) -> Container:
+    async def create(self, *, image_id: str | None = None) -> Sandbox:
+        """Create the workspace volume and the hardened container, start it and open its stdin.
+
+        The sandbox holds no work and no secret until `assign`. Raises LaunchError with a bounded
+        reason; whatever was created is removed first (also on cancellation).
+        """
+        sandbox = Sandbox(container_id="", name=f"sandboxd-{uuid.uuid4().hex[:16]}", created_at=time.time())
+        try:
+            sandbox.image_id = image_id or await self.image_id()
+            await self._call(self._client.volumes.create, name=sandbox.volume,
+                             labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}))
+            container = await self._call(self._create, sandbox)
+            sandbox.container_id = container.id or ""
+            await self._call(container.start)
+            sandbox.stdin = await self._call(self._attach_stdin, container)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.remove(sandbox)
+            if isinstance(exc, docker.errors.ImageNotFound):
+                raise LaunchError("image_missing", f"sandbox image {self.spec.image!r} not found: {exc}") from exc
+            if isinstance(exc, _ENGINE_ERRORS):
+                raise LaunchError(_launch_reason(exc), f"could not start the sandbox container: {exc}") from exc
+            raise
+        return sandbox
+
+    def _create(self, sandbox: Sandbox) -> Container:
         spec, api = self.spec, self._client.api
+        mounts = [Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
+        mounts += [Mount(target=target, source=source, type="bind", read_only=True)
+                   for source, target in spec.bind_mounts.items()]
         host_config = api.create_host_config(
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size},mode=1777"},
-            mounts=[Mount(target=WORKSPACE, source=sandbox.volume, type="volume")],
+            mounts=mounts,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
             pids_limit=spec.pids_limit,
@@ -167,8 +226,10 @@ class DockerBackend:
             network_mode=spec.network_mode,
             runtime=spec.runtime,
         )
+        labels = self._labels(sandbox.name, **{LABEL_IMAGE_ID: sandbox.image_id,
+                                               LABEL_CREATED: f"{sandbox.created_at:.3f}"})
         config = api.create_container_config(
-            spec.image,
+            sandbox.image_id or spec.image,
             command=["--workdir", WORKSPACE, "--max-idle", str(spec.max_idle_seconds)],
             labels=labels,
             user=spec.user,
@@ -189,36 +250,89 @@ class DockerBackend:
         raw: socket.socket = getattr(stream, "_sock", stream)
         return raw
 
+    async def assign(self, sandbox: Sandbox, record: AssignmentRecord, line: bytes) -> None:
+        """Record the assignment on the engine, then write it to the sandbox's stdin.
+
+        Recording first: a daemon that dies between the two leaves a record whose sandbox exits
+        for want of an assignment, and the next daemon stops the item.
+        """
+        try:
+            await self._call(self._client.volumes.create, name=sandbox.record_volume,
+                             labels=self._labels(sandbox.name, **{LABEL_ROLE: "assignment"}, **record.labels()))
+        except _ENGINE_ERRORS as exc:
+            raise EngineError(f"could not record the assignment: {exc}") from exc
+        sandbox.record = record
+        await self.send(sandbox, line)
+
     async def send(self, sandbox: Sandbox, data: bytes) -> None:
         """Write control bytes to the sandbox's stdin."""
         if sandbox.stdin is None:
             raise EngineError("the sandbox's stdin is closed")
         stdin = sandbox.stdin
-        await self._call(stdin.sendall, data)
+        try:
+            await self._call(stdin.sendall, data)
+        except OSError as exc:
+            raise EngineError(f"could not write to the sandbox's stdin: {exc}") from exc
 
     async def close_stdin(self, sandbox: Sandbox) -> None:
         if sandbox.stdin is not None:
             stdin, sandbox.stdin = sandbox.stdin, None
             await self._call(_close_socket, stdin)
 
-    async def put_workspace(self, sandbox: Sandbox, archive: IO[bytes]) -> None:
+    async def put_workspace(self, sandbox: Sandbox, archive: IO[bytes] | bytes) -> None:
         """Extract a tar stream into the sandbox's /workspace (ownership as in the tar headers)."""
         try:
             ok = await self._call(self._client.api.put_archive, sandbox.container_id, WORKSPACE, archive)
-        except (docker.errors.DockerException, requests.RequestException) as exc:
+        except _ENGINE_ERRORS as exc:
             raise EngineError(f"put_archive failed: {exc}") from exc
         if not ok:
             raise EngineError("the engine refused the workspace archive")
 
-    async def wait(self, sandbox: Sandbox) -> int:
-        """Wait for the container to exit and return its exit status (cancellable)."""
+    def workspace_stream(self, sandbox: Sandbox) -> Iterator[bytes]:
+        """The tar stream of a (stopped) sandbox's /workspace; blocking, for a worker thread."""
+        stream, _ = self._client.api.get_archive(sandbox.container_id, WORKSPACE, chunk_size=1 << 20)
+        return iter(stream)
+
+    async def wait(self, sandbox: Sandbox) -> tuple[int, bool]:
+        """Wait for the container to exit: (exit status, OOM-killed). Cancellable."""
         container_id = sandbox.container_id
 
         def wait_exit() -> int:
             result = self._client.api.wait(container_id, timeout=None)
             return int(result.get("StatusCode", -1))
 
-        return await anyio.to_thread.run_sync(wait_exit, limiter=self._waits, abandon_on_cancel=True)
+        status = await anyio.to_thread.run_sync(wait_exit, limiter=self._waits, abandon_on_cancel=True)
+        try:
+            info = await self._call(self._client.api.inspect_container, container_id)
+            oom = bool(info.get("State", {}).get("OOMKilled"))
+        except _ENGINE_ERRORS:
+            oom = False
+        return status, oom
+
+    async def events(self, sandbox: Sandbox) -> AsyncIterator[bytes]:
+        """The sandbox's stdout lines from its start, following until it exits (see protocol)."""
+        send, receive = anyio.create_memory_object_stream[bytes](256)
+        container_id = sandbox.container_id
+
+        def follow() -> None:
+            buffered = b""
+            try:
+                for chunk in self._client.api.logs(container_id, stdout=True, stderr=False, stream=True, follow=True):
+                    *lines, buffered = (buffered + chunk).split(b"\n")
+                    for line in lines:
+                        anyio.from_thread.run(send.send, line)
+            except (*_ENGINE_ERRORS, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
+                pass  # the container is gone, or nobody listens any more
+            finally:
+                with contextlib.suppress(RuntimeError):
+                    anyio.from_thread.run_sync(send.close)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(partial(anyio.to_thread.run_sync, follow, limiter=self._waits, abandon_on_cancel=True))
+            with receive:
+                async for line in receive:
+                    yield line
+            tg.cancel_scope.cancel()
 
     async def stop(self, sandbox: Sandbox, timeout_seconds: float) -> None:
         """SIGTERM the container, SIGKILL after `timeout_seconds`; already gone is fine."""
@@ -228,34 +342,33 @@ class DockerBackend:
         if lines <= 0 or not sandbox.container_id:
             return []
         try:
-            raw = await self._call(self._client.api.logs, sandbox.container_id, tail=lines)
-        except (docker.errors.DockerException, requests.RequestException) as exc:
+            raw = await self._call(self._client.api.logs, sandbox.container_id, tail=lines, stdout=False,
+                                   stderr=True)
+        except _ENGINE_ERRORS as exc:
             return [f"(logs unavailable: {exc})"]
         return bytes(raw).decode("utf-8", "replace").splitlines()
 
     async def remove(self, sandbox: Sandbox) -> None:
-        """Remove the container and its workspace volume; idempotent, never raises for 'already gone'."""
+        """Remove the container, its workspace and its record; idempotent, never raises for 'already gone'."""
         await self.close_stdin(sandbox)
-        if sandbox.container_id:
-            await self._quietly(self._client.api.remove_container, sandbox.container_id, force=True, v=True)
-        else:
-            # The create call may have been interrupted before it returned an id: find the container
-            # by its labels, never by name alone (a foreign container may hold the name).
-            for container_id in await self._labelled("containers", sandbox.work_id):
-                await self._quietly(self._client.api.remove_container, container_id, force=True, v=True)
-        for volume in await self._labelled("volumes", sandbox.work_id):
+        # By label, never by name alone (a foreign container may hold the name), and also when the
+        # create call was interrupted before it returned an id.
+        ids = {sandbox.container_id} - {""} | set(await self._labelled("containers", sandbox.name))
+        for container_id in ids:
+            await self._quietly(self._client.api.remove_container, container_id, force=True, v=True)
+        for volume in await self._labelled("volumes", sandbox.name):
             await self._quietly(self._client.api.remove_volume, volume, force=True)
 
-    async def _labelled(self, kind: str, work_id: str) -> list[str]:
-        """Ids of this instance's containers, or names of its volumes, for one work item."""
-        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}", f"{LABEL_WORK_ID}={work_id}"]
+    async def _labelled(self, kind: str, sandbox: str) -> list[str]:
+        """Ids of this instance's containers, or names of its volumes, of one sandbox."""
+        labels = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}", f"{LABEL_SANDBOX}={sandbox}"]
         try:
             if kind == "containers":
                 found = await self._call(self._client.api.containers, all=True, filters={"label": labels})
                 return [str(c["Id"]) for c in found]
             listing = await self._call(self._client.api.volumes, filters={"label": labels})
             return [str(v["Name"]) for v in (listing or {}).get("Volumes") or []]
-        except (docker.errors.DockerException, requests.RequestException) as exc:
+        except _ENGINE_ERRORS as exc:
             log.warning("docker_list_failed kind=%s error=%s", kind, exc)
             return []
 
@@ -267,20 +380,70 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code not in (404, 409):
                 log.warning("docker_call_failed call=%s error=%s", getattr(fn, "__name__", fn), exc)
-        except (docker.errors.DockerException, requests.RequestException) as exc:
+        except _ENGINE_ERRORS as exc:
             log.warning("docker_call_failed call=%s error=%s", getattr(fn, "__name__", fn), exc)
 
-    async def owned(self) -> list[tuple[Sandbox, str]]:
-        """This instance's sandboxes left by an earlier run, with their state (running, exited...)."""
-        filters = {"label": [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}"]}
-        found = await self._call(self._client.api.containers, all=True, filters=filters)
-        result = []
-        for info in found:
-            name = info["Names"][0].lstrip("/") if info.get("Names") else info["Id"]
+    async def owned(self) -> list[Found]:
+        """This instance's sandboxes on the engine (left by an earlier run), with their records."""
+        mine = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}"]
+        containers = await self._call(self._client.api.containers, all=True, filters={"label": mine})
+        listing = await self._call(self._client.api.volumes, filters={"label": [*mine, f"{LABEL_ROLE}=assignment"]})
+        records = {}
+        for volume in (listing or {}).get("Volumes") or []:
+            labels = volume.get("Labels") or {}
+            record = AssignmentRecord.from_labels(labels)
+            if record is not None:
+                records[labels.get(LABEL_SANDBOX, "")] = record
+        found: list[Found] = []
+        names = set()
+        for info in containers:
             labels = info.get("Labels") or {}
-            sandbox = Sandbox(info["Id"], name, name + "-workspace", labels.get(LABEL_WORK_ID, ""))
-            result.append((sandbox, str(info.get("State", ""))))
-        return result
+            name = labels.get(LABEL_SANDBOX) or info["Names"][0].lstrip("/")
+            names.add(name)
+            sandbox = Sandbox(info["Id"], name, labels.get(LABEL_IMAGE_ID, ""),
+                              _float(labels.get(LABEL_CREATED)), record=records.get(name))
+            running = info.get("State") == "running"
+            status, oom = (-1, False) if running else await self._exit_of(info["Id"])
+            found.append(Found(sandbox, running, status, oom))
+        # Volumes whose container is gone (a crash between the two creates): remove them too.
+        for name in await self._volume_owners() - names:
+            found.append(Found(Sandbox("", name, record=records.get(name)), False, -1, False))
+        return found
+
+    async def _exit_of(self, container_id: str) -> tuple[int, bool]:
+        try:
+            state = (await self._call(self._client.api.inspect_container, container_id)).get("State", {})
+        except _ENGINE_ERRORS:
+            return -1, False
+        return int(state.get("ExitCode", -1)), bool(state.get("OOMKilled"))
+
+    async def _volume_owners(self) -> set[str]:
+        mine = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}"]
+        listing = await self._call(self._client.api.volumes, filters={"label": mine})
+        return {(v.get("Labels") or {}).get(LABEL_SANDBOX, "") for v in (listing or {}).get("Volumes") or []} - {""}
+
+    async def workspace_bytes(self) -> dict[str, int]:
+        """Bytes used by each of this instance's workspace volumes, as the engine measures them."""
+        try:
+            usage = await self._call(self._client.api._result,
+                                     self._client.api._get(self._client.api._url("/system/df"),
+                                                           params={"type": "volume"}), True)
+        except _ENGINE_ERRORS as exc:
+            log.warning("disk_usage_unavailable error=%s", exc)
+            return {}
+        sizes = {}
+        for volume in usage.get("Volumes") or []:
+            labels = volume.get("Labels") or {}
+            if labels.get(LABEL_INSTANCE) == self.spec.instance and labels.get(LABEL_ROLE) == "workspace":
+                sizes[labels.get(LABEL_SANDBOX, "")] = int((volume.get("UsageData") or {}).get("Size", -1))
+        return sizes
+
+
+def _float(value: str | None) -> float:
+    try:
+        return float(value or 0)
+    except ValueError:
+        return 0.0
 
 
 def _close_socket(sock: socket.socket) -> None:

@@ -1,10 +1,14 @@
-"""The daemon's lifecycle: claim work within capacity, supervise sessions, shut down gracefully.
+"""The daemon's lifecycle: adopt what an earlier run left, claim work within capacity, shut down.
 
-A capacity slot is acquired *before* the next item is claimed, so the daemon never holds work it
-cannot start. Shutdown (first SIGTERM/SIGINT) stops claiming at once and gives running sessions
-`shutdown_grace_seconds` as a deadline on their cancel scope; past it (or on a second signal)
-their sandboxes are stopped, and each sandbox's worker force-stops its item. Drain mode claims
-until the queue is empty, waits for every session and reports a summary.
+At start the daemon takes over the sandboxes of its instance that an earlier run left on the
+engine: assigned ones are supervised to the end like its own sessions (they hold capacity
+slots), the others are removed. A capacity slot is acquired *before* the next item is claimed,
+so the daemon never holds work it cannot start. Shutdown (SIGTERM/SIGINT in `drain` mode) stops
+claiming at once and gives running sessions `shutdown_grace_seconds` as a deadline on their
+cancel scope; past it (or on a second signal) their sandboxes are stopped, and each sandbox's
+worker stops its item. A hand-off (SIGUSR2, SIGTERM in `handoff` mode, SIGHUP to re-exec in
+place) stops claiming and leaves running sandboxes to the next daemon on the same engine.
+Drain mode claims until the queue is empty, waits for every session and reports a summary.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from .containers import DockerBackend
 from .health import HealthState
+from .lifecycle import Lifecycle, Tracked
 from .metrics import Metrics
 from .notify import Notifier
 from .outcome import Outcome
+from .pool import WarmPool
 from .queue import WorkQueue
 from .session import SessionResult, SessionSupervisor
 
@@ -53,6 +59,9 @@ class Summary:
     fatal: str | None = None
     drain_timed_out: bool = False
     interrupted: bool = False
+    handed_off: bool = False
+    reexec: bool = False  # SIGHUP: the CLI re-executes the daemon in place after the hand-off
+    adopted: int = 0
 
     @property
     def duration_seconds(self) -> float:
@@ -88,6 +97,10 @@ class Summary:
         for result in self.results:
             if not result.outcome.ok:
                 lines.append(f"  - {result.session_id} ({result.work_id}): {result.outcome.value} {result.reason}")
+        if self.adopted:
+            lines.append(f"sessions adopted from an earlier run: {self.adopted}")
+        if self.handed_off:
+            lines.append("handed off: running sandboxes were left to the next daemon")
         if self.healthchecks:
             lines.append(f"health-check items stopped: {self.healthchecks}")
         if self.drain_timed_out:
@@ -104,7 +117,7 @@ class Daemon:
         self,
         queue: WorkQueue,
         supervisor: SessionSupervisor,
-        backend: DockerBackend,
+        lifecycle: Lifecycle,
         metrics: Metrics,
         health: HealthState,
         notifier: Notifier,
@@ -112,10 +125,17 @@ class Daemon:
         max_sessions: int,
         shutdown_grace_seconds: float,
         drain_timeout_seconds: float | None = None,
+        shutdown_mode: str = "drain",
+        pool: WarmPool | None = None,
     ) -> None:
         self._queue = queue
         self._supervisor = supervisor
-        self._backend = backend
+        self._lifecycle = lifecycle
+        self._backend: DockerBackend = lifecycle.backend
+        self._pool = pool
+        self._shutdown_mode = shutdown_mode
+        self._overdraft = 0  # adopted sessions beyond capacity (the setting was lowered)
+        self._stalled = 0
         self._metrics = metrics
         self._health = health
         self._notifier = notifier
@@ -130,6 +150,8 @@ class Daemon:
         self.summary = Summary()
         metrics.sessions_capacity.set(max_sessions)
         health.at_capacity = lambda: self._running >= self._capacity
+        health.all_slots_stalled = lambda: self._running >= self._capacity and self._stalled >= self._running
+        lifecycle.on_stalled = self._note_stalled
         health.seconds_since_poll = queue.health.seconds_since_success
 
     async def run(self, *, drain: bool) -> Summary:
@@ -138,12 +160,15 @@ class Daemon:
             root.start_soon(self._watch_signals, name="signals")
             root.start_soon(self._tick, name="tick")
             root.start_soon(self._check_engine, name="engine check")
+            await root.start(self._lifecycle.run, name="lifecycle")
             if drain and self._drain_timeout:
                 deadline = anyio.current_time() + self._drain_timeout
                 self._poll_scope.deadline = self._sessions_scope.deadline = deadline
             with self._sessions_scope:
                 async with anyio.create_task_group() as sessions:
-                    await self._adopt_orphans(sessions)
+                    await self._adopt(sessions)
+                    if self._pool is not None:
+                        await root.start(self._pool.run, name="warm pool")
                     self._notifier.ready(self._status_text())
                     log.info("daemon_ready environment_id=%s capacity=%d drain=%s",
                              self._queue.environment_id, self._capacity, drain)
@@ -157,7 +182,8 @@ class Daemon:
                 self.summary.drain_timed_out = True
             root.cancel_scope.cancel()
         self.summary.finished = time.monotonic()
-        self._notifier.stopping("stopped")
+        if not self.summary.reexec:
+            self._notifier.stopping("stopped")
         return self.summary
 
     async def _poll(self, sessions: anyio.abc.TaskGroup, drain: bool) -> None:
@@ -188,28 +214,56 @@ class Daemon:
             if not await self._supervisor.serve(item, self.summary.results.append):
                 self.summary.healthchecks += 1
         finally:
-            self._running -= 1
-            self._metrics.sessions_running.set(self._running)
+            self._release()
+
+    def _release(self) -> None:
+        self._running -= 1
+        self._metrics.sessions_running.set(self._running)
+        if self._overdraft:
+            self._overdraft -= 1
+        else:
             self._slots.release()
 
-    async def _adopt_orphans(self, sessions: anyio.abc.TaskGroup) -> None:
-        """Remove sandboxes an earlier run of this instance left behind.
+    async def _adopt(self, sessions: anyio.abc.TaskGroup) -> None:
+        """Take over what an earlier run of this instance left on the engine.
 
-        A running one is stopped (its worker force-stops its item, so the session is not stuck);
-        an exited one is just removed.
+        Assigned sandboxes, running or exited, are supervised (and so settled) like fresh ones and
+        hold a slot; the rest (pool members, never assigned, half-created) hold no work: removed.
         """
-        for sandbox, state in await self._backend.owned():
-            log.warning("orphan_sandbox container=%s work_id=%s state=%s; removing",
-                        sandbox.name, sandbox.work_id, state)
-            if state == "running":
-                await self._backend.stop(sandbox, 10)
-            await self._backend.remove(sandbox)
+        for found in await self._backend.owned():
+            sandbox = found.sandbox
+            if sandbox.record is None or not sandbox.container_id:
+                log.info("stale_sandbox_removed container=%s running=%s", sandbox.name, found.running)
+                await self._backend.remove(sandbox)
+                continue
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                self._overdraft += 1
+            self._running += 1
+            self.summary.adopted += 1
+            tracked = self._lifecycle.track(sandbox, adopted=True)
+            sessions.start_soon(self._serve_adopted, tracked, name=f"adopted {sandbox.record.item.work_id}")
+        self._metrics.sessions_running.set(self._running)
+
+    async def _serve_adopted(self, tracked: Tracked) -> None:
+        try:
+            await self._supervisor.adopt(tracked, self.summary.results.append)
+        finally:
+            self._release()
+
+    def _note_stalled(self, count: int) -> None:
+        self._stalled = count
 
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGHUP) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if not self._stopping:
+                if signum == signal.SIGHUP or signum == signal.SIGUSR2 or (
+                    self._shutdown_mode == "handoff" and not self._stopping
+                ):
+                    self._hand_off(name, reexec=signum == signal.SIGHUP)
+                elif not self._stopping:
                     self._stopping = True
                     self._poll_scope.cancel()
                     grace_ends = anyio.current_time() + self._grace
@@ -220,6 +274,20 @@ class Daemon:
                     log.warning("shutdown_now signal=%s; stopping %d session(s)", name, self._running)
                     self.summary.interrupted = True
                     self._sessions_scope.cancel()
+
+    def _hand_off(self, signal_name: str, *, reexec: bool) -> None:
+        """Stop claiming and leave running sandboxes (their leases held by their workers) to the next daemon."""
+        log.warning("handoff_requested signal=%s running=%d reexec=%s", signal_name, self._running, reexec)
+        self._stopping = True
+        self.summary.handed_off = True
+        self.summary.reexec = reexec
+        self._supervisor.handing_off = True
+        if reexec:
+            self._notifier.reloading()
+        else:
+            self._notifier.stopping(f"handing off {self._running} session(s)")
+        self._poll_scope.cancel()
+        self._sessions_scope.cancel()
 
     async def _tick(self) -> None:
         """Main-loop progress: liveness, watchdog pings and status, never held up by the engine."""

@@ -4,38 +4,61 @@ Its contract is its environment and stdin (see sandboxd.protocol): `ANTHROPIC_BA
 environment, the assignment on stdin after start. It never holds the environment key unless the
 operator allowed it for items without a secret (then it arrives on stdin as `environment_key`).
 The worker claims the lease at once; the session fetch, and so every tool call, waits until the
-daemon says the workspace is ready. The exit status says how the item ended (`ExitCode`).
+daemon says the workspace is ready. The exit status says how the item ended (`ExitCode`): the
+first recorded end reason wins, like the SDK's own lease. On stdout it reports events to the
+daemon (ready, heartbeats, tool calls; see sandboxd.protocol).
+
+The process makes itself non-dumpable before it reads its assignment: its memory, environ and
+file descriptors in /proc become root-owned, so tools (same uid) cannot read the sessions token.
+With `SANDBOXD_API_SOCKET` the API is reached through the daemon's broker on a unix socket (the
+sandbox has no network); with `SANDBOXD_EGRESS_SOCKET` tools get the daemon's egress proxy on
+127.0.0.1 (`HTTP(S)_PROXY` point there).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
 import stat
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import anyio
 import anyio.abc
 import httpx2
 from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
+from anthropic.lib.tools.agent_toolset import AgentToolContext, beta_agent_toolset_20260401
 
-from .protocol import ABORT, ASSIGNMENT, WORKSPACE_READY, Assignment, ExitCode, parse_line
+from .protocol import ABORT, ASSIGNMENT, WORKSPACE_READY, Assignment, Event, ExitCode, event_line, parse_line
 from .transport import hooked_http_client, route
 
 log = logging.getLogger("sandboxd.sandbox")
 
 
+def emit(event: Event, **fields: Any) -> None:
+    """One event line on stdout for the daemon (see sandboxd.protocol)."""
+    try:
+        os.write(1, event_line(event, time.time(), **fields))
+    except OSError:
+        pass  # nobody follows stdout: events are advisory
+
+
 class _ItemWatch:
-    """What the worker's requests said about the item: lease refused, lost, or stopped."""
+    """What the worker's requests said about the item; the first end reason recorded wins."""
 
     def __init__(self) -> None:
-        self.lease_lost = False
-        self.lease_rejected = False
+        self.end: ExitCode | None = None
         self.stopped = False
+
+    def record(self, code: ExitCode) -> None:
+        if self.end is None:
+            self.end = code
 
     def __call__(
         self, request: httpx2.Request, response: httpx2.Response | None, exc: BaseException | None, took: float
@@ -43,12 +66,45 @@ class _ItemWatch:
         if response is None:
             return
         kind = route(request)
-        if kind == "heartbeat" and response.status_code == 412:
-            self.lease_lost = True
+        if kind == "heartbeat" and response.is_success:
+            emit(Event.HEARTBEAT)
+        elif kind == "heartbeat" and response.status_code == 412:
+            self.record(ExitCode.LEASE_LOST)
         elif kind == "heartbeat" and 400 <= response.status_code < 500 and response.status_code not in (408, 429):
-            self.lease_rejected = True
+            self.record(ExitCode.HEARTBEAT_REJECTED)
         elif kind == "stop" and (response.is_success or response.status_code == 409):
             self.stopped = True
+
+
+def observed_tools(ctx: AgentToolContext) -> Sequence[Any]:
+    """The standard toolset, each call reported as tool_start / tool_end events."""
+    tools = beta_agent_toolset_20260401(ctx)
+    for tool in tools:
+        tool.call = _observed_call(tool.name, tool.call)  # type: ignore[method-assign]
+    return tools
+
+
+def _observed_call(name: str, call: Any) -> Any:
+    async def observed(input: object) -> Any:
+        emit(Event.TOOL_START, tool=name)
+        began, outcome = time.monotonic(), "error"
+        try:
+            result = await call(input)
+            outcome = "ok"
+            return result
+        finally:
+            emit(Event.TOOL_END, tool=name, outcome=outcome, seconds=round(time.monotonic() - began, 3))
+
+    return observed
+
+
+def make_non_dumpable() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): /proc/<pid>/{mem,environ,fd} become root-owned."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(4, 0, 0, 0, 0)) == 0  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        return False
 
 
 class ItemServer:
@@ -58,8 +114,6 @@ class ItemServer:
         self.workdir = workdir
         self.max_idle = max_idle
         self.ready = anyio.Event()
-        self.abort_reason: str | None = None
-        self.cancelled = False
         self.watch = _ItemWatch()
         self._worker_scope = anyio.CancelScope()
 
@@ -80,20 +134,20 @@ class ItemServer:
                 log.info("workspace ready; tools may run")
                 self.ready.set()
             elif message["type"] == ABORT:
-                self.abort_reason = str(message.get("reason") or "aborted by the daemon")
-                log.error("aborted by the daemon: %s", self.abort_reason)
+                log.error("aborted by the daemon: %s", message.get("reason") or "no reason given")
+                self.watch.record(ExitCode.ABORTED)
                 self._worker_scope.cancel()
                 return
         if not self.ready.is_set():
-            self.abort_reason = "the daemon went away before the workspace was ready"
-            log.error("%s", self.abort_reason)
+            log.error("the daemon went away before the workspace was ready")
+            self.watch.record(ExitCode.ABORTED)
             self._worker_scope.cancel()
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.warning("received %s; stopping the session", signal.Signals(signum).name)
-                self.cancelled = True
+                self.watch.record(ExitCode.CANCELLED)
                 self._worker_scope.cancel()
                 # The SDK lets an in-flight tool call finish (up to its 150 s timeout) before it
                 # stops; ending the tools' processes turns that call into an error result at once,
@@ -104,7 +158,7 @@ class ItemServer:
                 return
 
     async def serve(self, assignment: Assignment, environment_key: str | None, lines: AsyncIterator[bytes]) -> ExitCode:
-        http_client, transport = hooked_http_client(gate=self._gate)
+        http_client, transport = hooked_http_client(gate=self._gate, uds=os.environ.get("SANDBOXD_API_SOCKET"))
         transport.observe(self.watch)
         error: BaseException | None = None
         async with AsyncAnthropic(
@@ -112,7 +166,7 @@ class ItemServer:
         ) as client, anyio.create_task_group() as tg:
             tg.start_soon(self._read_control, lines, name="control")
             tg.start_soon(self._watch_signals, name="signals")
-            worker = EnvironmentWorker(client, workdir=self.workdir, max_idle=self.max_idle)
+            worker = EnvironmentWorker(client, workdir=self.workdir, max_idle=self.max_idle, tools=observed_tools)
             with self._worker_scope:
                 try:
                     await worker.handle_item(
@@ -129,19 +183,13 @@ class ItemServer:
         return self._exit_code(error)
 
     def _exit_code(self, error: BaseException | None) -> ExitCode:
-        if self.watch.lease_lost:
-            return ExitCode.LEASE_LOST
-        if self.abort_reason is not None:
-            return ExitCode.ABORTED
-        if self.cancelled:
-            return ExitCode.CANCELLED
-        if self.watch.lease_rejected:
-            return ExitCode.HEARTBEAT_REJECTED
         if error is not None:
-            return ExitCode.FAILED if self.watch.stopped else ExitCode.ERROR
+            self.watch.record(ExitCode.FAILED if self.watch.stopped else ExitCode.ERROR)
         if not self.watch.stopped:
-            return ExitCode.LEASE_LOST  # no stop was sent: the SDK judged the lease gone
-        return ExitCode.SERVED
+            self.watch.record(ExitCode.LEASE_LOST)  # no stop was sent: the SDK judged the lease gone
+        self.watch.record(ExitCode.SERVED)
+        assert self.watch.end is not None
+        return self.watch.end
 
 
 def _kill_descendants(root: int) -> int:
@@ -196,12 +244,15 @@ async def _stdin_lines(fd: int) -> AsyncIterator[bytes]:
 
 
 async def _amain(args: argparse.Namespace) -> ExitCode:
+    if not make_non_dumpable():
+        log.warning("could not make the worker non-dumpable; tools may read its memory")
     fd = sys.stdin.fileno()
     if not stat.S_ISFIFO(os.fstat(fd).st_mode) and not stat.S_ISSOCK(os.fstat(fd).st_mode):
         log.error("stdin is not a pipe: this image's entrypoint takes its work item from sandboxd "
                   "(run `sandboxd run`, or attach stdin with `docker run -i`)")
         return ExitCode.BAD_ASSIGNMENT
     lines = _stdin_lines(fd)
+    emit(Event.READY)
     try:
         message = parse_line(await anext(lines))
         if message["type"] != ASSIGNMENT:

@@ -60,6 +60,7 @@ class HealthState(Liveness):
     poll_window_seconds: float
     seconds_since_poll: Callable[[], float | None] = lambda: None
     at_capacity: Callable[[], bool] = lambda: False
+    all_slots_stalled: Callable[[], bool] = lambda: False
     engine_ok: bool = False
     polling: bool = False  # the poll loop is running (false before start-up and after shutdown began)
     started_at: float = field(default_factory=time.monotonic)
@@ -72,6 +73,8 @@ class HealthState(Liveness):
             return False, "docker engine not answering"
         if not self.polling:
             return False, "not polling"
+        if self.all_slots_stalled():
+            return False, "every session slot is held by a stalled session"
         if self.at_capacity():
             return True, "ok (at capacity)"
         since = self.seconds_since_poll()

@@ -50,7 +50,7 @@ def _demo_parser() -> argparse.ArgumentParser:
 
 
 def _run_demo(plane: Any, args: argparse.Namespace, tmp: Path) -> int:
-    from .cli import run_daemon
+    from .assembly import run_daemon
     from .settings import Settings
 
     configure_logging("text", args.log_level)

@@ -31,6 +31,10 @@ WORKSPACE_REASONS = (
     "fetch_failed",
     "delivery_failed",
 )
+TOOLS = ("bash", "read", "write", "edit", "glob", "grep", "other")
+EGRESS_DECISIONS = ("allowed", "refused", "audit")
+RESTORE_RESULTS = ("hit", "miss", "expired", "corrupt")
+_FAST_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
 
@@ -119,12 +123,85 @@ class Metrics:
             "sandboxd_session_duration_seconds", "From claim to the end of the session.",
             buckets=_DURATION_BUCKETS, registry=r,
         )
+        self.claim_to_first_heartbeat = Histogram(
+            "sandboxd_claim_to_first_heartbeat_seconds",
+            "From the claim to the sandbox's first accepted heartbeat, as the daemon sees it.",
+            ["source"], buckets=_FAST_BUCKETS, registry=r,
+        )
+        self.tool_calls = Counter(
+            "sandboxd_tool_calls_total", "Tool calls the sandboxes ran, by tool and outcome.", ["tool", "outcome"],
+            registry=r,
+        )
+        self.tool_duration = Histogram(
+            "sandboxd_tool_call_duration_seconds", "Duration of tool calls, by tool.", ["tool"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.sessions_stalled = Gauge(
+            "sandboxd_sessions_stalled", "Sessions whose tool call or silence outlasted the stall settings.",
+            registry=r,
+        )
+        self.disk_limit_stops = Counter(
+            "sandboxd_workspace_disk_limit_stops_total", "Sessions stopped for a /workspace over its size limit.",
+            registry=r,
+        )
+        self.sessions_adopted = Counter(
+            "sandboxd_sessions_adopted_total", "Running sessions a starting daemon took over from an earlier one.",
+            registry=r,
+        )
+        self.pool_size = Gauge("sandboxd_pool_size", "Configured warm pool size.", registry=r)
+        self.pool_ready = Gauge("sandboxd_pool_ready", "Warm pool members ready for an assignment.", registry=r)
+        self.pool_acquisitions = Counter(
+            "sandboxd_pool_acquisitions_total", "Claimed items served from the pool (hit) or cold (miss).",
+            ["result"], registry=r,
+        )
+        self.pool_creations = Counter(
+            "sandboxd_pool_creations_total", "Warm pool members created, by result.", ["result"], registry=r
+        )
+        self.workspace_saves = Counter(
+            "sandboxd_workspace_saves_total", "Workspaces saved for a session's next work item, by result.",
+            ["result"], registry=r,
+        )
+        self.workspace_restores = Counter(
+            "sandboxd_workspace_restores_total", "Workspace restores at a session's next work item, by result.",
+            ["result"], registry=r,
+        )
+        self.workspace_transfer_seconds = Histogram(
+            "sandboxd_workspace_transfer_seconds", "Time to save or restore a workspace.", ["direction"],
+            buckets=_DURATION_BUCKETS, registry=r,
+        )
+        self.workspace_transfer_bytes = Counter(
+            "sandboxd_workspace_transfer_bytes_total", "Uncompressed workspace bytes saved or restored.",
+            ["direction"], registry=r,
+        )
+        self.egress_requests = Counter(
+            "sandboxd_egress_requests_total", "Egress proxy decisions.", ["decision"], registry=r
+        )
         self.queue = QueueMetrics(r)
-        for outcome in Outcome:
-            self.sessions_finished.labels(outcome.value)
-        for reason in LAUNCH_REASONS:
-            self.launch_errors.labels(reason)
-        for reason in WORKSPACE_REASONS:
-            self.workspace_failures.labels(reason)
-        for kind in ("session", "healthcheck", "other"):
-            self.work_items_claimed.labels(kind)
+        self._create_series()
+
+    def _create_series(self) -> None:
+        """Every bounded label value up front, so each series exists before its first event."""
+        series: list[tuple[Counter | Histogram, list[tuple[str, ...]]]] = [
+            (self.sessions_finished, [(o.value,) for o in Outcome]),
+            (self.launch_errors, [(r,) for r in LAUNCH_REASONS]),
+            (self.workspace_failures, [(r,) for r in WORKSPACE_REASONS]),
+            (self.work_items_claimed, [("session",), ("healthcheck",), ("other",)]),
+            (self.tool_duration, [(t,) for t in TOOLS]),
+            (self.tool_calls, [(t, o) for t in TOOLS for o in ("ok", "error")]),
+            (self.claim_to_first_heartbeat, [("pool",), ("cold",), ("adopted",)]),
+            (self.pool_acquisitions, [("hit",), ("miss",)]),
+            (self.pool_creations, [("ok",), ("failed",)]),
+            (self.workspace_saves, [("ok",), ("failed",)]),
+            (self.workspace_restores, [(r,) for r in RESTORE_RESULTS]),
+            (self.workspace_transfer_seconds, [("save",), ("restore",)]),
+            (self.workspace_transfer_bytes, [("save",), ("restore",)]),
+            (self.egress_requests, [(d,) for d in EGRESS_DECISIONS]),
+        ]
+        for family, values in series:
+            for labels in values:
+                family.labels(*labels)
+
+    @staticmethod
+    def tool_label(name: str) -> str:
+        """A bounded label for a tool name (custom tools count as `other`)."""
+        return name if name in TOOLS else "other"

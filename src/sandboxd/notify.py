@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,10 @@ class Notifier:
 
     def stopping(self, status: str = "") -> None:
         self.send("STOPPING=1", *([f"STATUS={status}"] if status else []))
+
+    def reloading(self) -> None:
+        """A hand-off with re-exec: the new process image sends READY=1 again."""
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", "STATUS=handing off, re-executing")
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

@@ -15,10 +15,13 @@ class Outcome(enum.Enum):
     WORKSPACE_FAILED = "workspace_failed"
     LEASE_LOST = "lease_lost"
     CANCELLED = "cancelled"
+    OOM_KILLED = "oom_killed"
+    DISK_LIMIT = "disk_limit"
+    HANDED_OFF = "handed_off"  # left running to the next daemon; it reports the real outcome
 
     @property
     def ok(self) -> bool:
-        return self is Outcome.SUCCEEDED
+        return self in (Outcome.SUCCEEDED, Outcome.HANDED_OFF)
 
 
 # Exit statuses after which the container has force-stopped its own item (or must not: lease lost).
@@ -46,3 +49,11 @@ def outcome_for_exit(status: int) -> Outcome:
     if status == ExitCode.CANCELLED:
         return Outcome.CANCELLED
     return Outcome.FAILED
+
+
+def describe_exit(status: int) -> str:
+    """A short human reason for a sandbox exit status ("" for a served session)."""
+    try:
+        return "" if status == ExitCode.SERVED else f"sandbox exit {status} ({ExitCode(status).name.lower()})"
+    except ValueError:
+        return f"sandbox exit {status}"

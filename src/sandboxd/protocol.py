@@ -11,6 +11,15 @@ The entrypoint claims the lease with its first heartbeat at once, and holds the 
 tool call) until `workspace_ready`: the lease never lapses while the daemon fetches the workspace.
 End of stdin before `workspace_ready` means the daemon is gone and is treated as an abort.
 The entrypoint's exit code tells the daemon how the item ended (`ExitCode`).
+
+The other direction is the container's stdout (its log lines go to stderr): one JSON object per
+line with an `event` (`Event`) and a wall-clock time `t`. The daemon follows it, also after a
+restart (it re-reads the whole stream, so the state it derives is the same for an adopted sandbox):
+
+    {"event": "ready", "t": ...}                        SDK imported; waiting for an assignment
+    {"event": "heartbeat", "t": ..., "first": true}     a heartbeat was accepted (first: the lease is ours)
+    {"event": "tool_start", "t": ..., "tool": "bash"}
+    {"event": "tool_end", "t": ..., "tool": "bash", "outcome": "ok", "seconds": 0.4}
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ASSIGNMENT = "assignment"
+EVENT_KEY = "event"
 WORKSPACE_READY = "workspace_ready"
 ABORT = "abort"
 
@@ -79,6 +89,32 @@ def workspace_ready_line() -> bytes:
 
 def abort_line(reason: str) -> bytes:
     return _line({"type": ABORT, "reason": reason})
+
+
+class Event(enum.StrEnum):
+    """What a sandbox tells the daemon on its stdout."""
+
+    READY = "ready"
+    HEARTBEAT = "heartbeat"
+    TOOL_START = "tool_start"
+    TOOL_END = "tool_end"
+
+
+def event_line(event: Event, at: float, **fields: Any) -> bytes:
+    return _line({EVENT_KEY: event.value, "t": round(at, 3), **fields})
+
+
+def parse_event(raw: bytes) -> dict[str, Any] | None:
+    """One stdout line of a sandbox as an event, or None when it is not one (never raises)."""
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get(EVENT_KEY) not in set(Event):
+        return None
+    if not isinstance(message.get("t"), int | float):
+        return None
+    return message
 
 
 def parse_line(raw: bytes) -> dict[str, Any]:

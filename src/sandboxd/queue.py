@@ -18,6 +18,7 @@ from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from .metrics import Metrics
 from .protocol import sessions_token_from_secret
+from .settlement import ItemRef
 from .transport import hooked_http_client, route
 
 log = logging.getLogger(__name__)
@@ -85,17 +86,24 @@ class WorkQueue:
             auto_stop=False,
         )
 
-    async def force_stop(self, item: BetaSelfHostedWork) -> None:
-        """Force-stop an item the daemon will not hand to a sandbox; 409 (already stopped) is fine."""
+    async def force_stop(self, item: ItemRef) -> None:
+        """Force-stop an item no sandbox will stop (only `Settlement` calls this); 409 is fine."""
         try:
-            await self.client.beta.environments.work.stop(
-                item.id, environment_id=item.environment_id, force=True
-            )
+            await self.client.beta.environments.work.stop(item.work_id, environment_id=item.environment_id, force=True)
+            log.info("item_stopped_by_daemon work_id=%s", item.work_id)
         except APIStatusError as exc:
             if exc.status_code != 409:
-                log.error("force_stop_failed work_id=%s status=%s", item.id, exc.status_code)
+                log.error("force_stop_failed work_id=%s status=%s", item.work_id, exc.status_code)
         except Exception as exc:  # noqa: BLE001 - a stop that cannot be sent is logged, never raised
-            log.error("force_stop_failed work_id=%s error=%s", item.id, type(exc).__name__)
+            log.error("force_stop_failed work_id=%s error=%s", item.work_id, type(exc).__name__)
+
+    async def session_status(self, session_id: str) -> str | None:
+        """The session's status (running, idle, terminated...) with the environment key; None if unknown."""
+        try:
+            return str((await self.client.beta.sessions.retrieve(session_id)).status)
+        except Exception as exc:  # noqa: BLE001 - advisory: the caller keeps the workspace when unsure
+            log.debug("session_status_unavailable session_id=%s error=%s", session_id, type(exc).__name__)
+            return None
 
     async def session_metadata(self, item: BetaSelfHostedWork) -> Mapping[str, str]:
         """The session's metadata, read with the item's own sessions token when it carries one."""

@@ -1,11 +1,12 @@
-"""Supervision of one claimed work item, from claim to a removed container.
+"""Supervision of one session's work item, from claim (or adoption) to a retired sandbox.
 
 Order matters for the lease: everything between the ack and the sandbox's first heartbeat is kept
-short (read the session's metadata, validate it, start the container, write the assignment). The
-workspace is fetched *after* the hand-off, while the sandbox heartbeats and holds its tool calls,
-so a slow fetch can never let the lease lapse. Whatever happens, the item ends stopped exactly
-once (by the sandbox, or by the daemon when no sandbox could), and the container and its
-workspace are removed.
+short, and what can overlap does (the sandbox is taken from the pool or created while the
+session's metadata is read and validated). The workspace is restored or fetched *after* the
+hand-off, while the sandbox heartbeats and holds its tool calls, so a slow fetch can never let
+the lease lapse. `Settlement` decides, in one place, whether the daemon must stop the item;
+`Lifecycle` owns the containers. An adopted sandbox (left running by an earlier daemon) joins
+the same path at "wait for the end".
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Protocol
 
 import anyio
 from anthropic import APIError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
-from .containers import DockerBackend, Sandbox
+from .containers import AssignmentRecord, Sandbox
 from .errors import EngineError, LaunchError, WorkItemError, WorkspaceError
+from .lifecycle import Lifecycle, Tracked
 from .logs import redacting
 from .metrics import Metrics
-from .outcome import ITEM_SETTLED_BY_SANDBOX, Outcome, outcome_for_exit
-from .protocol import Assignment, ExitCode, abort_line, sessions_token_from_secret, workspace_ready_line
+from .outcome import Outcome
+from .protocol import Assignment, abort_line, sessions_token_from_secret, workspace_ready_line
 from .queue import WorkQueue
+from .settlement import ItemRef, Owner, Settlement
 from .workspace import WorkspacePlan, Workspaces
 
 log = logging.getLogger(__name__)
@@ -35,8 +38,6 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SessionLimits:
     max_session_seconds: float
-    stop_timeout_seconds: float
-    container_log_lines: int
     allow_environment_key_in_sandbox: bool
 
 
@@ -49,87 +50,162 @@ class SessionResult:
     reason: str = ""
 
 
+class Retention(Protocol):
+    """Keeps a session's /workspace between its work items (see sandboxd.retention)."""
+
+    async def restore(self, session_id: str, sandbox: Sandbox) -> bool: ...
+
+    async def keep(self, tracked: Tracked, settlement: Settlement) -> None: ...
+
+
 class SessionSupervisor:
-    """Serves claimed work items; one instance is shared by every session of the daemon."""
+    """Serves claimed work items and adopted sandboxes; one instance is shared by the daemon."""
 
     def __init__(
         self,
         queue: WorkQueue,
-        backend: DockerBackend,
+        lifecycle: Lifecycle,
         workspaces: Workspaces,
         metrics: Metrics,
         limits: SessionLimits,
         environment_key: str,
+        retention: Retention | None = None,
     ) -> None:
         self._queue = queue
-        self._backend = backend
+        self._lifecycle = lifecycle
         self._workspaces = workspaces
         self._metrics = metrics
         self._limits = limits
         self._environment_key = environment_key
+        self._retention = retention
+        self.handing_off = False  # set by the daemon: cancellation then leaves sandboxes running
 
     async def serve(self, item: BetaSelfHostedWork, report: Callable[[SessionResult], None]) -> bool:
         """Serve one claimed item and `report` how its session ended; False for a non-session item
-        (a health check), which is only stopped. Never raises for a bad item; on cancellation
-        (shutdown) the sandbox is stopped, which stops its item, and the session reports cancelled."""
+        (a health check), which is only stopped. Never raises for a bad item."""
         kind = str(item.data.type)
         self._metrics.work_items_claimed.labels(kind if kind in ("session", "healthcheck") else "other").inc()
+        ref = ItemRef(item.id, item.environment_id, item.data.id)
         if kind != "session":
             log.info("non_session_item_stopped work_id=%s type=%s", item.id, kind)
-            await self._queue.force_stop(item)
+            async with Settlement(self._queue, ref):
+                pass
             return False
-        started = time.monotonic()
+        started = time.time()
+        settlement = Settlement(self._queue, ref)
         try:
             with redacting(item.secret, sessions_token_from_secret(item.secret)):  # never in a log line
-                outcome, reason = await self._serve_session(item, started)
-        except anyio.get_cancelled_exc_class():
-            report(self._finished(item, Outcome.CANCELLED, started, "stopped by the daemon's shutdown"))
-            raise
-        except Exception:  # a bug in serving one item fails that item, never the daemon
-            log.exception("session_crashed work_id=%s", item.id)
-            with anyio.CancelScope(shield=True):
-                await self._queue.force_stop(item)
-            outcome, reason = Outcome.FAILED, "internal error (traceback in the log)"
-        report(self._finished(item, outcome, started, reason))
+                async with settlement:
+                    tracked = await self._start(item, settlement, started)
+                    if tracked is not None:
+                        await self._to_the_end(tracked, settlement)
+        finally:
+            report(self._finished(settlement, started))
         return True
 
-    def _finished(self, item: BetaSelfHostedWork, outcome: Outcome, started: float, reason: str) -> SessionResult:
-        duration = time.monotonic() - started
+    async def adopt(self, tracked: Tracked, report: Callable[[SessionResult], None]) -> None:
+        """Supervise a sandbox an earlier daemon assigned, to the end, like any other session."""
+        record = tracked.sandbox.record
+        assert record is not None
+        settlement = Settlement(self._queue, record.item, owner=Owner.SANDBOX)
+        log.info("sandbox_adopted work_id=%s session_id=%s container=%s", record.item.work_id,
+                 record.item.session_id, tracked.sandbox.name)
+        self._metrics.sessions_adopted.inc()
+        try:
+            async with settlement:
+                await self._to_the_end(tracked, settlement)
+        finally:
+            report(self._finished(settlement, record.started_at))
+
+    def _finished(self, settlement: Settlement, started: float) -> SessionResult:
+        duration = time.time() - started
+        outcome = settlement.outcome or Outcome.FAILED
+        if settlement.owner is Owner.NEXT_DAEMON:
+            outcome, settlement.reason = Outcome.HANDED_OFF, "left running for the next daemon"
         self._metrics.sessions_finished.labels(outcome.value).inc()
-        self._metrics.session_duration.observe(duration)
+        if outcome is not Outcome.HANDED_OFF:
+            self._metrics.session_duration.observe(duration)
+        item = settlement.item
+        reason = settlement.reason
         log.log(
             logging.INFO if outcome.ok else logging.WARNING,
             "session_finished work_id=%s session_id=%s outcome=%s duration=%.2f%s",
-            item.id, item.data.id, outcome.value, duration, f" reason={reason!r}" if reason else "",
+            item.work_id, item.session_id, outcome.value, duration, f" reason={reason!r}" if reason else "",
         )
-        return SessionResult(item.id, item.data.id, outcome, duration, reason)
+        return SessionResult(item.work_id, item.session_id, outcome, duration, reason)
 
-    async def _serve_session(self, item: BetaSelfHostedWork, started: float) -> tuple[Outcome, str]:
+    async def _start(self, item: BetaSelfHostedWork, settlement: Settlement, started: float) -> Tracked | None:
+        """Take a sandbox and hand it the item; None when the item was refused (settled by the caller)."""
+        acquired: list[Tracked | LaunchError] = []
         try:
             environment_key = self._sandbox_environment_key(item)
-            metadata = await self._queue.session_metadata(item)
-            plan = self._workspaces.plan(metadata)
+        except WorkItemError as exc:
+            settlement.record(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+            return None
+        plan: WorkspacePlan | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._acquire, acquired, name=f"sandbox for {item.id}")
+                plan = await self._plan(item, settlement)
+        finally:
+            if plan is None:  # refused or interrupted: a sandbox taken meanwhile never got the item
+                for taken in acquired:
+                    if isinstance(taken, Tracked):
+                        await self._lifecycle.remove(taken)
+        if plan is None:
+            return None
+        got = acquired[0]
+        if isinstance(got, LaunchError):
+            self._metrics.launch_errors.labels(got.reason).inc()
+            settlement.record(Outcome.LAUNCH_FAILED, str(got))
+            return None
+        if not await self._hand_off(item, got, settlement, environment_key, started, plan):
+            return None
+        return got
+
+    async def _plan(self, item: BetaSelfHostedWork, settlement: Settlement) -> WorkspacePlan | None:
+        """The session's workspace plan from its metadata; None (outcome recorded) for a bad one."""
+        try:
+            return self._workspaces.plan(await self._queue.session_metadata(item))
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
             log.error("workspace_invalid work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
-            await self._queue.force_stop(item)
-            return Outcome.WORKSPACE_FAILED, f"{exc.reason}: {exc}"
+            settlement.record(Outcome.WORKSPACE_FAILED, f"{exc.reason}: {exc}")
         except (WorkItemError, APIError) as exc:
-            await self._queue.force_stop(item)
-            return Outcome.FAILED, f"{type(exc).__name__}: {exc}"
+            settlement.record(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
+        return None
+
+    async def _acquire(self, into: list[Tracked | LaunchError]) -> None:
         try:
-            sandbox = await self._backend.launch(item.id, item.data.id, item.environment_id)
+            into.append(await self._lifecycle.acquire())
         except LaunchError as exc:
-            self._metrics.launch_errors.labels(exc.reason).inc()
-            await self._queue.force_stop(item)
-            return Outcome.LAUNCH_FAILED, str(exc)
+            into.append(exc)
+
+    async def _hand_off(
+        self, item: BetaSelfHostedWork, tracked: Tracked, settlement: Settlement,
+        environment_key: str | None, started: float, plan: WorkspacePlan,
+    ) -> bool:
+        """Record and send the assignment, then deliver the workspace and release the tool calls."""
+        ref = settlement.item
+        record = AssignmentRecord(ref, started, started + self._limits.max_session_seconds)
+        assignment = Assignment(ref.work_id, ref.environment_id, ref.session_id, getattr(item, "secret", None))
+        source = "pool" if tracked.activity.ready.is_set() else "cold"
         try:
-            outcome, reason = Outcome.CANCELLED, ""
-            outcome, reason = await self._supervise(item, sandbox, plan, environment_key, started)
-            return outcome, reason
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self._collect_and_remove(item, sandbox, verbose=not outcome.ok)
+            await self._lifecycle.backend.assign(tracked.sandbox, record, assignment.to_line(environment_key))
+        except EngineError as exc:
+            settlement.record(Outcome.LAUNCH_FAILED, f"the assignment did not reach the sandbox: {exc}")
+            await self._lifecycle.stop_and_wait(tracked)
+            await self._lifecycle.retire(tracked, verbose=True)
+            return False
+        settlement.handed_to_sandbox()
+        tracked.claimed(source, started, self._metrics)
+        self._metrics.claim_to_start.observe(time.time() - started)
+        log.info("session_started work_id=%s session_id=%s container=%s source=%s", ref.work_id,
+                 ref.session_id, tracked.sandbox.name, source)
+        error = await self._deliver_workspace(ref, tracked.sandbox, plan)
+        if error is not None:
+            settlement.record(Outcome.WORKSPACE_FAILED, error)
+        return True
 
     def _sandbox_environment_key(self, item: BetaSelfHostedWork) -> str | None:
         """None when the item's secret carries a sessions token (the normal case)."""
@@ -143,86 +219,79 @@ class SessionSupervisor:
             "key to a sandbox is not allowed (setting allow_environment_key_in_sandbox)"
         )
 
-    async def _supervise(
-        self,
-        item: BetaSelfHostedWork,
-        sandbox: Sandbox,
-        plan: WorkspacePlan,
-        environment_key: str | None,
-        started: float,
-    ) -> tuple[Outcome, str]:
-        assignment = Assignment(item.id, item.environment_id, item.data.id, getattr(item, "secret", None))
-        line = assignment.to_line(environment_key)
-        deadline = started + self._limits.max_session_seconds
-        try:
-            await self._backend.send(sandbox, line)
-            self._metrics.claim_to_start.observe(time.monotonic() - started)
-            log.info("session_started work_id=%s session_id=%s container=%s", item.id, item.data.id, sandbox.name)
-            workspace_error = await self._deliver_workspace(item, sandbox, plan)
-            with anyio.move_on_after(max(0.0, deadline - time.monotonic())) as timer:
-                status = await self._backend.wait(sandbox)
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                await self._stop_sandbox(item, sandbox)
-            raise
-        if timer.cancelled_caught:
-            log.warning("session_timed_out work_id=%s after=%.0fs", item.id, self._limits.max_session_seconds)
-            await self._stop_sandbox(item, sandbox)
-            return Outcome.TIMED_OUT, f"exceeded max_session_seconds={self._limits.max_session_seconds:g}"
-        await self._settle(item, status)
-        if workspace_error is not None:
-            return Outcome.WORKSPACE_FAILED, workspace_error
-        return outcome_for_exit(status), _describe_exit(status)
-
-    async def _deliver_workspace(self, item: BetaSelfHostedWork, sandbox: Sandbox, plan: WorkspacePlan) -> str | None:
-        """Fetch and deliver the workspace, then release the sandbox's tool calls (or abort it)."""
+    async def _deliver_workspace(self, ref: ItemRef, sandbox: Sandbox, plan: WorkspacePlan) -> str | None:
+        """Restore the session's kept workspace, or fetch the plan; then release the tool calls (or abort)."""
         began = time.monotonic()
         try:
-            async with self._workspaces.prepare(plan, item.id) as archive:
-                if archive is not None:
-                    await self._deliver_archive(sandbox, archive)
+            restored = self._retention is not None and await self._retention.restore(ref.session_id, sandbox)
+            if not restored:
+                async with self._workspaces.prepare(plan, ref.work_id) as archive:
+                    if archive is not None:
+                        await self._deliver_archive(sandbox, archive)
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
-            log.error("workspace_failed work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
-            await self._backend.send(sandbox, abort_line(f"workspace failed: {exc}"))
+            log.error("workspace_failed work_id=%s reason=%s error=%s", ref.work_id, exc.reason, exc)
+            await self._send_quietly(sandbox, abort_line(f"workspace failed: {exc}"))
             return f"{exc.reason}: {exc}"
         self._metrics.workspace_duration.observe(time.monotonic() - began)
-        await self._backend.send(sandbox, workspace_ready_line())
+        await self._send_quietly(sandbox, workspace_ready_line())
         return None
+
+    async def _send_quietly(self, sandbox: Sandbox, line: bytes) -> None:
+        try:
+            await self._lifecycle.backend.send(sandbox, line)
+        except EngineError as exc:  # the sandbox is gone; its exit status tells the rest
+            log.warning("sandbox_unreachable container=%s error=%s", sandbox.name, exc)
 
     async def _deliver_archive(self, sandbox: Sandbox, archive: IO[bytes]) -> None:
         try:
-            await self._backend.put_workspace(sandbox, archive)
+            await self._lifecycle.backend.put_workspace(sandbox, archive)
         except EngineError as exc:
             raise WorkspaceError("delivery_failed", f"the engine did not take the workspace: {exc}") from exc
 
-    async def _stop_sandbox(self, item: BetaSelfHostedWork, sandbox: Sandbox) -> int:
-        """SIGTERM the sandbox (its worker force-stops the item), then make sure the item is settled."""
-        await self._backend.stop(sandbox, self._limits.stop_timeout_seconds)
-        with anyio.move_on_after(self._limits.stop_timeout_seconds + 5):
-            status = await self._backend.wait(sandbox)
-            await self._settle(item, status)
-            return status
-        await self._queue.force_stop(item)
-        return -1
+    async def _to_the_end(self, tracked: Tracked, settlement: Settlement) -> None:
+        """Wait for the sandbox to exit (or stop it: deadline, disk limit), settle, and retire it."""
+        record = tracked.sandbox.record
+        assert record is not None
+        try:
+            with anyio.move_on_after(max(0.0, record.deadline - time.time())) as timer:
+                await _first_of(tracked.exited, tracked.stop_requested)
+            if timer.cancelled_caught:
+                log.warning("session_timed_out work_id=%s after=%.0fs", record.item.work_id,
+                            self._limits.max_session_seconds)
+                limit = self._limits.max_session_seconds
+                settlement.record(Outcome.TIMED_OUT, f"exceeded max_session_seconds={limit:g}")
+            elif not tracked.exited.is_set():
+                outcome = Outcome.DISK_LIMIT if "workspace" in tracked.stop_reason else Outcome.FAILED
+                settlement.record(outcome, tracked.stop_reason)
+            await self._end(tracked, settlement)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                if self.handing_off:
+                    settlement.hand_off()
+                    self._lifecycle.forget(tracked)
+                else:
+                    await self._end(tracked, settlement)
+            raise
 
-    async def _settle(self, item: BetaSelfHostedWork, status: int) -> None:
-        """Stop the item when the sandbox could not have (crash, SIGKILL, OOM, bad assignment)."""
-        if status not in ITEM_SETTLED_BY_SANDBOX:
-            log.warning("sandbox_died work_id=%s exit=%s; stopping the item", item.id, status)
-            await self._queue.force_stop(item)
-
-    async def _collect_and_remove(self, item: BetaSelfHostedWork, sandbox: Sandbox, verbose: bool) -> None:
-        """The sandbox's last log lines into the daemon's log (INFO when the session did not succeed)."""
-        level = logging.INFO if verbose else logging.DEBUG
-        if log.isEnabledFor(level):
-            for text in await self._backend.logs_tail(sandbox, self._limits.container_log_lines):
-                log.log(level, "sandbox_log work_id=%s | %s", item.id, text)
-        await self._backend.remove(sandbox)
+    async def _end(self, tracked: Tracked, settlement: Settlement) -> None:
+        if not tracked.exited.is_set() and not await self._lifecycle.stop_and_wait(tracked):
+            settlement.sandbox_lost("the sandbox did not exit after SIGKILL")
+        elif tracked.exit_status < 0 and tracked.exited.is_set():
+            settlement.sandbox_lost("the engine lost the sandbox")
+        else:
+            settlement.sandbox_exited(tracked.exit_status, oom_killed=tracked.oom_killed)
+        if self._retention is not None:
+            await self._retention.keep(tracked, settlement)
+        ok = settlement.outcome is not None and settlement.outcome.ok
+        await self._lifecycle.retire(tracked, verbose=not ok)
 
 
-def _describe_exit(status: int) -> str:
-    try:
-        return "" if status == ExitCode.SERVED else f"sandbox exit {status} ({ExitCode(status).name.lower()})"
-    except ValueError:
-        return f"sandbox exit {status}"
+async def _first_of(*events: anyio.Event) -> None:
+    async with anyio.create_task_group() as tg:
+        for event in events:
+            async def wait(e: anyio.Event = event) -> None:
+                await e.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)

@@ -77,6 +77,28 @@ class Settings(BaseSettings):
     drain_timeout_seconds: float | None = Field(
         None, gt=0, description="drain: bound on the total run time; past it sessions are stopped (exit 4)."
     )
+    shutdown_mode: Literal["drain", "handoff"] = Field(
+        "drain",
+        description="What SIGTERM does: drain (running sessions get shutdown_grace_seconds, then are stopped) "
+        "or handoff (stop claiming and leave running sandboxes to the next daemon on the same engine). "
+        "SIGUSR2 always hands off; SIGHUP hands off and re-executes the daemon in place.",
+    )
+    stall_tool_seconds: float = Field(
+        900.0, gt=0, description="A tool call running longer than this flags its session as stalled."
+    )
+    stall_silence_seconds: float = Field(
+        300.0, gt=0, description="A sandbox silent (no heartbeat, no tool event) this long is flagged as stalled."
+    )
+    disk_check_interval_seconds: float = Field(
+        2.0, gt=0, description="How often /workspace sizes are checked against workspace_max_bytes."
+    )
+    warm_pool_size: int = Field(
+        1, ge=0, le=256,
+        description="Pre-started sandboxes waiting for work (0 disables the pool); each costs about 75 MiB.",
+    )
+    warm_pool_max_age_seconds: float = Field(
+        3600.0, gt=0, description="A warm pool member older than this is replaced."
+    )
     max_idle_seconds: float = Field(
         60.0, gt=0, description="A session ends this long after it goes idle (SDK max_idle)."
     )
@@ -126,6 +148,18 @@ class Settings(BaseSettings):
     git_mirror_cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size bound of the git mirror cache.")
     file_max_bytes: int = Field(100 * 2**20, ge=1, description="Largest single file a session may name.")
     workspace_max_bytes: int = Field(2 * 2**30, ge=1, description="Largest total workspace a session may name.")
+    workspace_retention_seconds: float = Field(
+        7 * 24 * 3600.0, ge=0,
+        description="How long a session's /workspace is kept for its next work item (0 disables retention).",
+    )
+    workspace_store_dir: Path | None = Field(
+        None,
+        description="A directory shared by every daemon of the environment (NFS, EFS, RWX volume) where kept "
+        "workspaces live; default: <state_dir>/workspaces, local to this host.",
+    )
+    workspace_store_max_bytes: int = Field(
+        50 * 2**30, ge=1, description="Size cap of the workspace store; the oldest entries are evicted first."
+    )
     allow_insecure_http: bool = Field(
         False, description="Allow plain http:// git and file URLs (for local test servers only)."
     )

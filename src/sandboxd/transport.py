@@ -53,9 +53,15 @@ class HookedTransport(httpx2.AsyncBaseTransport):
         await self._inner.aclose()
 
 
-def hooked_http_client(gate: Gate | None = None) -> tuple[httpx2.AsyncClient, HookedTransport]:
-    """An SDK-default async HTTP client whose transport is a HookedTransport."""
-    transport = HookedTransport(httpx2.AsyncHTTPTransport(), gate=gate)
+def hooked_http_client(
+    gate: Gate | None = None, *, uds: str | None = None
+) -> tuple[httpx2.AsyncClient, HookedTransport]:
+    """An SDK-default async HTTP client whose transport is a HookedTransport.
+
+    With `uds`, every connection goes through that unix socket (the daemon's API broker); the URL,
+    and so TLS and its certificate check, stay those of the API host.
+    """
+    transport = HookedTransport(httpx2.AsyncHTTPTransport(uds=uds), gate=gate)
     return DefaultAsyncHttpxClient(transport=transport), transport
 
 

@@ -34,21 +34,26 @@ def test_outcome_counters_match_a_run_with_every_kind_of_failure(harness: Harnes
     refused = cp.add_session(ScriptedSession(steps=[ToolStep(name="bash", input={"command": "true"})],
                                              heartbeat_status=403))
     bad_workspace = cp.add_session(ScriptedSession(metadata={"repo": "https://evil.example.com/x.git"}))
-    # A foreign container that already has the name of this item's sandbox makes its launch fail (409).
-    blocked = cp.add_session(six_tool_session("blocked"))
-    squatter = harness.docker.containers.create(harness.image, name=f"sandboxd-{blocked.work_id}")
     address = f"127.0.0.1:{_free_port()}"
+    # The sandbox image is taken away while the daemon runs: the next launch fails (image_missing).
+    harness.docker.images.get(harness.image).tag(f"{harness.worker_id}:doomed")
+    doomed = f"{harness.worker_id}:doomed"
     try:
-        run = harness.start("run", "--metrics-address", address, "--stats-interval-seconds", "0.5")
+        run = harness.start("run", "--metrics-address", address, "--stats-interval-seconds", "0.5",
+                            SANDBOXD_IMAGE=doomed, SANDBOXD_WARM_POOL_SIZE="0")
+        cp.wait_for(lambda s: all(w["state"] == "stopped" for w in s["work"].values()), timeout=120)
+        harness.docker.images.remove(doomed)
+        blocked = cp.add_session(six_tool_session("blocked"))
+        cp.wait_for(lambda s: s["work"][blocked.work_id]["state"] == "stopped", timeout=60)
         cp.wait_for(lambda s: all(w["state"] == "stopped" for w in s["work"].values()), timeout=120)
         # The last session's bookkeeping follows its item's stop by a moment.
         cp.wait_for(lambda s: _scrape(address)[("sandboxd_sessions_running", ())] == 0, timeout=30)
         env = (("environment_id", cp.environment_id),)
         cp.wait_for(lambda s: _scrape(address)[("sandboxd_queue_depth", env)] == s["stats"]["depth"] == 0, timeout=30)
         metrics = _scrape(address)
-        squatter.reload()  # cleaning up after the failed launch left the foreign container alone
     finally:
-        squatter.remove(force=True)
+        if any(doomed in (i.tags or []) for i in harness.docker.images.list()):
+            harness.docker.images.remove(doomed)
     harness.signal(run, signal.SIGTERM)
     harness.wait(run, timeout=60)
 
@@ -61,7 +66,7 @@ def test_outcome_counters_match_a_run_with_every_kind_of_failure(harness: Harnes
     assert finished("workspace_failed") == 1
     for outcome in ("timed_out", "lease_lost", "cancelled"):
         assert finished(outcome) == 0, "every outcome series exists from the start"
-    assert metrics[("sandboxd_container_launch_errors_total", (("reason", "create_failed"),))] == 1
+    assert metrics[("sandboxd_container_launch_errors_total", (("reason", "image_missing"),))] == 1
     assert metrics[("sandboxd_workspace_failures_total", (("reason", "host_not_allowed"),))] == 1
     assert metrics[("sandboxd_work_items_claimed_total", (("type", "session"),))] == 4
     assert metrics[("sandboxd_sessions_capacity", ())] == 4

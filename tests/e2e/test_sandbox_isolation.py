@@ -19,9 +19,11 @@ def _results(state: dict[str, Any], session_id: str) -> list[dict[str, Any]]:
 
 def _inspect_while_running(harness: Harness, found: list[dict[str, Any]], stop: threading.Event) -> None:
     filters = {"label": ["io.sandboxd.managed=true", f"io.sandboxd.instance={harness.worker_id}"]}
+    records = {"label": [*filters["label"], "io.sandboxd.role=assignment"]}
     while not stop.is_set() and not found:
-        for info in harness.docker.api.containers(filters=filters):
-            found.append(harness.docker.api.inspect_container(info["Id"]))
+        for volume in harness.docker.api.volumes(filters=records).get("Volumes") or []:
+            name = volume["Labels"]["io.sandboxd.sandbox"]
+            found.append({**harness.docker.api.inspect_container(name), "record": volume["Labels"]})
         stop.wait(0.1)
 
 
@@ -72,5 +74,5 @@ def test_sandbox_is_hardened_and_never_sees_the_environment_key(harness: Harness
     assert host["ReadonlyRootfs"] is True and host["CapDrop"] == ["ALL"] and host["Init"] is True
     assert "no-new-privileges:true" in host["SecurityOpt"]
     assert host["PidsLimit"] and host["Memory"] and host["NanoCpus"]
-    assert config["Labels"]["io.sandboxd.work-id"] == session.work_id
+    assert found[0]["record"]["io.sandboxd.work-id"] == session.work_id, "the assignment is recorded on the engine"
     assert harness.leftovers() == {"containers": [], "volumes": []}

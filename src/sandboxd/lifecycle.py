@@ -1,0 +1,232 @@
+"""The lifecycle of a sandbox, in one place: pooled → assigned → finished → retained (or removed).
+
+`Lifecycle` owns every sandbox container of this daemon from creation to removal: it creates
+them (cold, or from the warm pool), watches each one (its exit, and the events it reports on
+stdout: ready, heartbeats, tool calls), flags stalled sessions and workspaces over their disk
+limit, and retires finished ones (last log lines, the workspace kept for the session's next work
+item, container and volumes removed). Sessions (`session.py`) decide what to do with a sandbox;
+this module is the only one that keeps sandboxes alive, so a hand-off can leave them running
+while everything else stops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from .containers import DockerBackend, Sandbox
+from .metrics import Metrics
+from .protocol import Event, parse_event
+
+if TYPE_CHECKING:
+    from .pool import WarmPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LifecycleLimits:
+    stop_timeout_seconds: float
+    container_log_lines: int
+    workspace_max_bytes: int
+    disk_check_interval_seconds: float = 2.0
+    stall_tool_seconds: float = 900.0
+    stall_silence_seconds: float = 300.0
+
+
+@dataclass
+class Activity:
+    """What a sandbox's events said: readiness, heartbeats, the tool call in flight."""
+
+    ready: anyio.Event = field(default_factory=anyio.Event)
+    heartbeat: anyio.Event = field(default_factory=anyio.Event)  # the first accepted heartbeat
+    last_event: float = field(default_factory=time.time)  # wall clock, from the events' own `t`
+    first_heartbeat: float | None = None
+    tool: str | None = None
+    tool_started: float | None = None
+    stalled: str = ""  # why, when the session looks stuck
+
+    def feed(self, event: dict[str, object], metrics: Metrics | None) -> None:
+        at = float(event["t"])  # type: ignore[arg-type]
+        self.last_event = max(self.last_event, at)
+        kind = event["event"]
+        if kind == Event.READY:
+            self.ready.set()
+        elif kind == Event.HEARTBEAT and self.first_heartbeat is None:
+            self.first_heartbeat = at
+            self.heartbeat.set()
+        elif kind == Event.TOOL_START:
+            self.tool, self.tool_started = str(event.get("tool") or "unknown"), at
+        elif kind == Event.TOOL_END:
+            self.tool = self.tool_started = None
+            if metrics is not None:
+                tool = metrics.tool_label(str(event.get("tool") or ""))
+                outcome = "ok" if event.get("outcome") == "ok" else "error"
+                metrics.tool_calls.labels(tool, outcome).inc()
+                seconds = event.get("seconds")
+                if isinstance(seconds, int | float):
+                    metrics.tool_duration.labels(tool).observe(seconds)
+
+
+@dataclass
+class Tracked:
+    """A sandbox the lifecycle watches; sessions wait on `exited` or `stop_requested`."""
+
+    sandbox: Sandbox
+    activity: Activity = field(default_factory=Activity)
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    exit_status: int = -1
+    oom_killed: bool = False
+    stop_requested: anyio.Event = field(default_factory=anyio.Event)
+    stop_reason: str = ""
+    adopted_at: float = 0.0  # wall clock; events before it are replays (no metrics)
+    _claim: tuple[str, float, Metrics] | None = None
+
+    def claimed(self, source: str, at: float, metrics: Metrics) -> None:
+        """The item was handed over at `at` (wall clock): observe claim → first heartbeat once it comes."""
+        self._claim = (source, at, metrics)
+        self.observe_first_heartbeat()
+
+    def observe_first_heartbeat(self) -> None:
+        if self._claim is not None and self.activity.first_heartbeat is not None:
+            source, at, metrics = self._claim
+            metrics.claim_to_first_heartbeat.labels(source).observe(max(0.0, self.activity.first_heartbeat - at))
+            self._claim = None
+
+    def request_stop(self, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_reason = reason
+            self.stop_requested.set()
+
+
+class Lifecycle:
+    """Creates, watches and retires this daemon's sandboxes (see the module docstring)."""
+
+    def __init__(self, backend: DockerBackend, metrics: Metrics, limits: LifecycleLimits) -> None:
+        self.backend = backend
+        self.limits = limits
+        self._metrics = metrics
+        self._tracked: dict[str, Tracked] = {}
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.on_stalled: Callable[[int], None] = lambda count: None
+        self.pool: WarmPool | None = None
+
+    async def acquire(self) -> Tracked:
+        """A sandbox for a claimed item: a ready pool member if there is one, else a cold start."""
+        if self.pool is not None:
+            member = self.pool.take()
+            self._metrics.pool_acquisitions.labels("hit" if member else "miss").inc()
+            if member is not None:
+                return member
+        return self.track(await self.backend.create())
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Watch sandboxes until cancelled; cancelling leaves every container as it is."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._watch_disk, name="disk watch")
+            tg.start_soon(self._watch_stalls, name="stall watch")
+            task_status.started()
+            await anyio.sleep_forever()
+
+    def track(self, sandbox: Sandbox, *, adopted: bool = False) -> Tracked:
+        """Start watching a sandbox: its exit and its event stream."""
+        assert self._tg is not None, "Lifecycle.run must be started first"
+        tracked = Tracked(sandbox, adopted_at=time.time() if adopted else 0.0)
+        self._tracked[sandbox.name] = tracked
+        self._tg.start_soon(self._wait_exit, tracked, name=f"wait {sandbox.name}")
+        self._tg.start_soon(self._follow, tracked, name=f"events {sandbox.name}")
+        return tracked
+
+    def assigned(self) -> list[Tracked]:
+        return [t for t in self._tracked.values() if t.sandbox.record is not None and not t.exited.is_set()]
+
+    async def _wait_exit(self, tracked: Tracked) -> None:
+        try:
+            tracked.exit_status, tracked.oom_killed = await self.backend.wait(tracked.sandbox)
+        except Exception as exc:  # noqa: BLE001 - the engine lost it: treat as gone
+            log.warning("sandbox_wait_failed container=%s error=%s", tracked.sandbox.name, exc)
+            tracked.exit_status = -1
+        tracked.exited.set()
+
+    async def _follow(self, tracked: Tracked) -> None:
+        async for raw in self.backend.events(tracked.sandbox):
+            event = parse_event(raw)
+            if event is not None:
+                live = float(event["t"]) >= tracked.adopted_at
+                tracked.activity.feed(event, self._metrics if live else None)
+                if event["event"] == Event.HEARTBEAT:
+                    tracked.observe_first_heartbeat()
+
+    async def stop_and_wait(self, tracked: Tracked) -> bool:
+        """SIGTERM the sandbox (its worker stops its item) and wait for it; False if it never exited."""
+        await self.backend.stop(tracked.sandbox, self.limits.stop_timeout_seconds)
+        with anyio.move_on_after(self.limits.stop_timeout_seconds + 10):
+            await tracked.exited.wait()
+        return tracked.exited.is_set()
+
+    async def retire(self, tracked: Tracked, *, verbose: bool) -> None:
+        """Finished: copy the last log lines into the daemon's log, then remove container and volumes."""
+        sandbox = tracked.sandbox
+        level = logging.INFO if verbose else logging.DEBUG
+        if log.isEnabledFor(level):
+            work = sandbox.record.item.work_id if sandbox.record else "-"
+            for text in await self.backend.logs_tail(sandbox, self.limits.container_log_lines):
+                log.log(level, "sandbox_log work_id=%s | %s", work, text)
+        await self.remove(tracked)
+
+    async def remove(self, tracked: Tracked) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.backend.remove(tracked.sandbox)
+        self._tracked.pop(tracked.sandbox.name, None)
+
+    def forget(self, tracked: Tracked) -> None:
+        """Stop accounting for a sandbox left running for the next daemon."""
+        self._tracked.pop(tracked.sandbox.name, None)
+
+    async def _watch_disk(self) -> None:
+        """Stop a session whose /workspace grew past workspace_max_bytes (checked by the engine)."""
+        limit = self.limits.workspace_max_bytes
+        while True:
+            await anyio.sleep(self.limits.disk_check_interval_seconds)
+            if not self.assigned():
+                continue
+            sizes = await self.backend.workspace_bytes()
+            for tracked in self.assigned():
+                used = sizes.get(tracked.sandbox.name, -1)
+                if used > limit and not tracked.stop_requested.is_set():
+                    log.warning("workspace_over_limit work_id=%s used=%d limit=%d; stopping the session",
+                                tracked.sandbox.record.item.work_id if tracked.sandbox.record else "-", used, limit)
+                    self._metrics.disk_limit_stops.inc()
+                    tracked.request_stop(f"/workspace used {used} bytes, over workspace_max_bytes={limit}")
+
+    async def _watch_stalls(self) -> None:
+        """Flag sessions whose tool call, or whose silence, lasts longer than the stall settings."""
+        while True:
+            await anyio.sleep(min(5.0, self.limits.stall_silence_seconds / 4))
+            now = time.time()
+            for tracked in self.assigned():
+                self._check_stall(tracked, now)
+            count = sum(1 for t in self.assigned() if t.activity.stalled)
+            self._metrics.sessions_stalled.set(count)
+            self.on_stalled(count)
+
+    def _check_stall(self, tracked: Tracked, now: float) -> None:
+        activity, limits = tracked.activity, self.limits
+        why = ""
+        if activity.tool_started is not None and now - activity.tool_started > limits.stall_tool_seconds:
+            why = f"tool call {activity.tool} running for {now - activity.tool_started:.0f}s"
+        elif now - activity.last_event > limits.stall_silence_seconds:
+            why = f"no event from the sandbox for {now - activity.last_event:.0f}s"
+        if why and not activity.stalled:
+            work = tracked.sandbox.record.item.work_id if tracked.sandbox.record else "-"
+            log.warning("session_stalled work_id=%s reason=%r", work, why)
+        elif activity.stalled and not why:
+            log.info("session_unstalled container=%s", tracked.sandbox.name)
+        activity.stalled = why
