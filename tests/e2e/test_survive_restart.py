@@ -83,7 +83,6 @@ def test_handoff_leaves_sessions_to_the_next_daemon(harness: Harness) -> None:
     second = harness.start("run", "--max-sessions", "2", SANDBOXD_SHUTDOWN_MODE="drain")
     try:
         _wait_output(second, "daemon_ready")
-        assert not any(cp.state_snapshot()["sessions"][x.session_id]["done"] for x in sessions), "too late"
         cp.wait_for(lambda s: all(s["work"][x.work_id]["state"] == "stopped" for x in sessions), timeout=90)
     finally:
         harness.signal(second, signal.SIGTERM)
