@@ -19,6 +19,11 @@ if [ "${WITH_TEST_TOOLS:-0}" = 1 ] && [ ! -x .venv-checkov/bin/checkov ]; then
 fi
 
 scripts/setup-engine.sh
+# gVisor (Debian's runsc), registered with the engine as `runsc` and `runsc-host`: the tests run
+# sessions under it.
+if [ "${WITH_TEST_TOOLS:-0}" = 1 ]; then
+    scripts/setup-gvisor.sh
+fi
 # debootstrap builds the local base image. For the tests: promtool (Debian's prometheus) checks the
 # alert rules, sshd (openssh-server) serves git over ssh on loopback.
 packages=""

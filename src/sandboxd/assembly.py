@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 
 import anyio
 
+from .channels import Channels
 from .containers import DockerBackend, SandboxSpec
 from .daemon import Daemon, Summary
 from .errors import EngineError
@@ -35,7 +36,17 @@ def instance_name(settings: Settings) -> str:
     return settings.worker_id or f"{socket.gethostname()}-{settings.environment_id}"
 
 
-def sandbox_spec(settings: Settings) -> SandboxSpec:
+def channels(settings: Settings) -> Channels | None:
+    return Channels.build(
+        network_mode=settings.network_mode,
+        socket_dir=settings.socket_dir or settings.state_dir / "run",
+        base_url=settings.effective_sandbox_base_url,
+        allowed_hosts=settings.egress_allowed_hosts,
+        audit=settings.egress_audit,
+    )
+
+
+def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> SandboxSpec:
     return SandboxSpec(
         image=settings.image,
         user=settings.sandbox_user,
@@ -49,6 +60,8 @@ def sandbox_spec(settings: Settings) -> SandboxSpec:
         pull_policy=settings.pull_policy,
         runtime=settings.runtime,
         instance=instance_name(settings),
+        extra_env=ways_out.sandbox_env() if ways_out else {},
+        bind_mounts=ways_out.bind_mounts() if ways_out else {},
     )
 
 
@@ -85,7 +98,8 @@ async def run_daemon(
     assert settings.environment_id and settings.environment_key
     environment_key = settings.environment_key.get_secret_value()
     metrics = metrics or Metrics()
-    backend = backend or DockerBackend.from_env(sandbox_spec(settings))
+    ways_out = channels(settings)
+    backend = backend or DockerBackend.from_env(sandbox_spec(settings, ways_out))
     if not await backend.ping():
         raise EngineError("the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")
     queue = WorkQueue(
@@ -125,6 +139,8 @@ async def run_daemon(
             await stack.enter_async_context(serving(settings.metrics_address, metrics.registry, health))
             await stack.enter_async_context(collecting(settings, metrics.queue))
             async with anyio.create_task_group() as tg:
+                if ways_out is not None:
+                    await tg.start(ways_out.serve, metrics, name="channels")
                 if retention is not None:
                     tg.start_soon(retention.sweep_forever, name="workspace store sweep")
                 summary = await daemon.run(drain=drain)

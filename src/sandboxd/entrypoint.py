@@ -36,6 +36,7 @@ from anthropic.lib.environments import EnvironmentWorker
 from anthropic.lib.tools.agent_toolset import AgentToolContext, beta_agent_toolset_20260401
 
 from .protocol import ABORT, ASSIGNMENT, WORKSPACE_READY, Assignment, Event, ExitCode, event_line, parse_line
+from .relay import relay
 from .transport import hooked_http_client, route
 
 log = logging.getLogger("sandboxd.sandbox")
@@ -166,6 +167,9 @@ class ItemServer:
         ) as client, anyio.create_task_group() as tg:
             tg.start_soon(self._read_control, lines, name="control")
             tg.start_soon(self._watch_signals, name="signals")
+            if os.environ.get("SANDBOXD_EGRESS_SOCKET"):  # tools' HTTP(S)_PROXY, through the daemon's proxy
+                await tg.start(relay, "127.0.0.1", int(os.environ.get("SANDBOXD_EGRESS_PORT", "3128")),
+                               os.environ["SANDBOXD_EGRESS_SOCKET"])
             worker = EnvironmentWorker(client, workdir=self.workdir, max_idle=self.max_idle, tools=observed_tools)
             with self._worker_scope:
                 try:

@@ -58,7 +58,6 @@ def _run_demo(plane: Any, args: argparse.Namespace, tmp: Path) -> int:
         environment_id=plane.environment_id,
         environment_key=SecretStr(plane.environment_key),
         base_url=plane.url,
-        network_mode="host",  # the sandboxes reach the control plane on 127.0.0.1
         image=args.image,
         pull_policy="never",
         max_sessions=args.max_sessions,

@@ -113,7 +113,25 @@ class Settings(BaseSettings):
     pull_policy: Literal["never", "missing", "always"] = Field(
         "missing", description="Pull the sandbox image never, when missing, or before every session."
     )
-    network_mode: str = Field("bridge", description="Docker network mode of sandboxes (bridge, host, none, <net>).")
+    network_mode: str = Field(
+        "none",
+        description="Docker network mode of sandboxes. none (the default): no network; the API through the "
+        "daemon's broker, egress only through the allow-list proxy. bridge/host/<net> give tools raw "
+        "networking (cloud metadata, internal services...): an explicit opt-out.",
+    )
+    socket_dir: Path | None = Field(
+        None, description="Where the daemon serves the broker and proxy sockets (default <state_dir>/run); "
+        "the engine bind-mounts it into sandboxes, so it must be a path on the engine's host."
+    )
+    egress_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts tools may reach through the egress proxy: host (ports 80/443), host:port, "
+        "*.suffix. Empty: no egress at all. Private, loopback, link-local and metadata addresses are refused "
+        "unless listed exactly as host:port.",
+    )
+    egress_audit: bool = Field(
+        False, description="Allow (and log and count as audit) what the egress allow-list would refuse."
+    )
     runtime: str | None = Field(None, description="OCI runtime for sandboxes, e.g. runsc for gVisor.")
     sandbox_user: str = Field("10001:10001", pattern=r"^\d+:\d+$", description="uid:gid sandboxes run as.")
     memory_limit: str = Field("2g", pattern=r"^\d+[bkmg]?$", description="Memory limit per sandbox.")

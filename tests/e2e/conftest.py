@@ -7,6 +7,7 @@ also the containers' instance label, so leftovers are attributed to exactly one 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,6 +53,11 @@ class Harness:
         return self.tmp / "secrets"
 
     @property
+    def socket_dir(self) -> str:
+        """Short (a unix socket path has ~100 characters), unique per test, under /tmp."""
+        return f"/tmp/sbx-{self.worker_id}"
+
+    @property
     def state_dir(self) -> Path:
         return self.tmp / "state"
 
@@ -61,7 +67,8 @@ class Harness:
             "HOME": str(self.tmp),
             "SANDBOXD_BASE_URL": self.control_plane.url,
             "SANDBOXD_ENVIRONMENT_ID": self.control_plane.environment_id,
-            "SANDBOXD_NETWORK_MODE": "host",  # the sandboxes reach the control plane on loopback
+            # The default network mode (none): sandboxes reach the control plane through the broker.
+            "SANDBOXD_SOCKET_DIR": self.socket_dir,
             "SANDBOXD_IMAGE": self.image,
             "SANDBOXD_PULL_POLICY": "never",
             "SANDBOXD_STATE_DIR": str(self.state_dir),
@@ -126,6 +133,7 @@ def harness(tmp_path: Path, sandbox_image: str, docker_client: Any) -> Iterator[
             docker_client.api.remove_container(name, force=True, v=True)
         for name in leftovers["volumes"]:
             docker_client.api.remove_volume(name, force=True)
+        shutil.rmtree(h.socket_dir, ignore_errors=True)
 
 
 class ContainerCounter:
