@@ -80,6 +80,8 @@ def workspace_store(settings: Settings) -> WorkspaceStore | None:
     if settings.workspace_retention_seconds <= 0:
         return None
     uid, gid = (int(n) for n in settings.sandbox_user.split(":"))
+    spool = settings.state_dir / "spool"  # restores are verified into a spooled file here
+    spool.mkdir(parents=True, exist_ok=True)
     return WorkspaceStore(
         settings.workspace_store_dir or settings.state_dir / "workspaces",
         max_bytes=settings.workspace_max_bytes,
@@ -87,7 +89,7 @@ def workspace_store(settings: Settings) -> WorkspaceStore | None:
         retention_seconds=settings.workspace_retention_seconds,
         uid=uid,
         gid=gid,
-        spool_dir=settings.state_dir / "spool",
+        spool_dir=spool,
     )
 
 

@@ -29,6 +29,7 @@ from .workspace.store import RestoreResult, WorkspaceStore
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_SECONDS = 600.0
+SAVE_WAIT_SECONDS = 120.0
 # A workspace left by a session that never really ran (refused, never started, fetch failed) is
 # not worth keeping: the next item fetches afresh.
 _NOT_KEPT = frozenset({Outcome.LAUNCH_FAILED, Outcome.WORKSPACE_FAILED})
@@ -43,9 +44,19 @@ class WorkspaceRetention:
         self._queue = queue
         self._metrics = metrics
         self._threads = anyio.CapacityLimiter(4)
+        # Sessions with a sandbox on this daemon, set once its workspace is saved: the next item of
+        # a session is queued as soon as the previous one is stopped, before its sandbox has exited.
+        self._latest: dict[str, anyio.Event] = {}  # session id -> its newest sandbox's event
+        self._saved: dict[str, anyio.Event] = {}  # sandbox name -> its event
 
     async def restore(self, session_id: str, sandbox: Sandbox) -> bool:
         """Put the session's kept workspace into the sandbox; False when there is none to restore."""
+        previous = self._latest.get(session_id)
+        self._latest[session_id] = self._saved[sandbox.name] = anyio.Event()
+        if previous is not None and not previous.is_set():
+            log.info("workspace_restore_waits session_id=%s (its previous sandbox is finishing)", session_id)
+            with anyio.move_on_after(SAVE_WAIT_SECONDS):
+                await previous.wait()
         restored = await anyio.to_thread.run_sync(self._store.restore, session_id, limiter=self._threads)
         self._metrics.workspace_restores.labels(restored.result.value).inc()
         if restored.result is not RestoreResult.HIT or restored.archive is None:
@@ -67,6 +78,17 @@ class WorkspaceRetention:
 
     async def keep(self, tracked: Tracked, settlement: Settlement) -> None:
         """Save the finished sandbox's workspace for the session's next item (or delete it: terminated)."""
+        record = tracked.sandbox.record
+        saved = self._saved.pop(tracked.sandbox.name, None)
+        try:
+            await self._keep(tracked, settlement)
+        finally:
+            if saved is not None:
+                saved.set()
+                if record is not None and self._latest.get(record.item.session_id) is saved:
+                    del self._latest[record.item.session_id]
+
+    async def _keep(self, tracked: Tracked, settlement: Settlement) -> None:
         sandbox = tracked.sandbox
         if sandbox.record is None or not sandbox.container_id or settlement.outcome in _NOT_KEPT:
             return

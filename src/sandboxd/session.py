@@ -159,8 +159,15 @@ class SessionSupervisor:
             self._metrics.launch_errors.labels(got.reason).inc()
             settlement.record(Outcome.LAUNCH_FAILED, str(got))
             return None
-        if not await self._hand_off(item, got, settlement, environment_key, started, plan):
-            return None
+        try:
+            if not await self._hand_off(item, got, settlement, environment_key, started, plan):
+                return None
+        except BaseException:
+            with anyio.CancelScope(shield=True):  # never leave a sandbox behind (the settlement decides the stop)
+                if not self.handing_off:
+                    await self._lifecycle.stop_and_wait(got)
+                    await self._lifecycle.retire(got, verbose=True)
+            raise
         return got
 
     async def _plan(self, item: BetaSelfHostedWork, settlement: Settlement) -> WorkspacePlan | None:
