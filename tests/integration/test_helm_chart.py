@@ -2,10 +2,12 @@
 
 For the default values and every helm/sandboxd/ci/*.yaml: strict lint, render, validation of
 every manifest against the Kubernetes schemas of several versions (kubernetes-validate), the
-custom resources against the fields their CRDs require, the rendered sandboxd.toml loaded by the
-daemon's own settings code, secure defaults on every container we own, and a checkov scan.
-Every helm/bad-values/*.yaml must be rejected, by the schema or by a `fail` in _helpers.tpl, with
-the message its `# expect:` line names.
+custom resources against the fields their CRDs require, the rendered sandboxd.toml (with the
+environment the chart gives a pod) loaded by the daemon's own settings code, the socket directory
+seen alike by the daemon and the engine, hand-off identities, the workspace-store claim, the
+NetworkPolicy's ports, secure defaults on every container we own, and a checkov scan. Every
+helm/bad-values/*.yaml must be rejected, by the schema or by a `fail` in _helpers.tpl, with the
+message its `# expect:` line names, and every `fail` must be reached by one of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 # Hard imports: a missing test dependency fails the suite; it never skips it.
 import helm_python as helm
@@ -27,6 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from sandboxd import assembly
 from sandboxd.settings import SECRET_FIELDS, Settings, load_settings
 from tests.conftest import REPO
 
@@ -37,8 +41,20 @@ VALUE_SETS: dict[str, Path | None] = {"default": None} | {p.stem: p for p in sor
 # middle, and the newest kubernetes-validate ships.
 KUBE_VERSIONS = ("1.29.0", "1.33.0", "1.37.0")
 RELEASE, NAMESPACE = "sbx", "sandboxd"
+# Settings the chart derives from values of its own (camelCase value -> setting).
+CHART_VALUE_SETTINGS = {
+    "networkMode": "network_mode",
+    "egress.allowedHosts": "egress_allowed_hosts",
+    "egress.audit": "egress_audit",
+    "shutdownMode": "shutdown_mode",
+    "warmPoolSize": "warm_pool_size",
+    "warmPoolMaxAgeSeconds": "warm_pool_max_age_seconds",
+    "workspaceRetentionSeconds": "workspace_retention_seconds",
+    "workspaceStoreMaxBytes": "workspace_store_max_bytes",
+}
 # Settings the chart sets itself; values.config may not (values.schema.json), secrets never.
-CHART_MANAGED_SETTINGS = {"environment_id", "image", "state_dir", "metrics_address", *SECRET_FIELDS}
+CHART_MANAGED_SETTINGS = {"environment_id", "image", "state_dir", "metrics_address", "socket_dir",
+                          "workspace_store_dir", *CHART_VALUE_SETTINGS.values(), *SECRET_FIELDS}
 # Containers in our pods that are not ours: the Docker engine sidecar (Docker's image).
 NOT_OURS = {"dind"}
 # checkov findings accepted for the whole chart, each with why. Nothing else may fail.
@@ -116,6 +132,23 @@ def test_ci_value_sets_cover_every_docker_mode() -> None:
     rootless = {bool(_chart().merge_values(load_values(VALUE_SETS[n]))["docker"]["dind"]["rootless"])
                 for n in VALUE_SETS if n != "default" and docker_mode(n) == "dind"}
     assert rootless == {True, False}, "ci/ must cover both rootless and root dind"
+
+
+def test_ci_value_sets_cover_the_lifecycle_combinations() -> None:
+    """Every combination this round's settings allow has a value set that is rendered and scanned."""
+    merged = {n: _chart().merge_values(load_values(VALUE_SETS[n])) for n in VALUE_SETS}
+
+    def covered(check: Any) -> bool:
+        return any(check(v, docker_mode(n)) for n, v in merged.items())
+
+    assert covered(lambda v, m: v["warmPoolSize"] == 0), "no warm pool"
+    assert covered(lambda v, m: v["shutdownMode"] == "handoff" and m == "hostSocket"), "handoff, hostSocket"
+    assert covered(lambda v, m: v["shutdownMode"] == "handoff" and m == "external"), "handoff, external"
+    assert covered(lambda v, m: v["workspaceStore"]["existingClaim"]), "store on an existing claim"
+    assert covered(lambda v, m: v["workspaceStore"]["create"]), "store on a created claim"
+    assert covered(lambda v, m: v["egress"]["allowedHosts"] and v["egress"]["audit"]), "egress allow-list, audit"
+    assert covered(lambda v, m: m == "external" and v["networkMode"] == "host"), "external, host network"
+    assert merged["default"]["networkMode"] == "none" and merged["default"]["shutdownMode"] == "drain"
 
 
 @value_sets
@@ -268,6 +301,161 @@ def test_rendered_config_is_accepted_by_the_daemon(value_set: str, tmp_path: Pat
     assert settings.environment_key is None and settings.api_key is None
 
 
+def value_at(values: dict[str, Any], dotted: str) -> Any:
+    for key in dotted.split("."):
+        values = values[key]
+    return values
+
+
+# What the downward API would give one pod, to expand the $(VAR)s of the daemon's environment.
+FAKE_POD = {"POD_NAME": "sbx-sandboxd-5f7c9d8b7c-x2x4z", "NODE_NAME": "node-a.example.internal"}
+
+
+def daemon_container(value_set: str) -> dict[str, Any]:
+    spec = one(value_set, "Deployment", "daemon")["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] if c["name"] == "sandboxd")
+
+
+def daemon_settings(value_set: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings one daemon pod builds: its sandboxd.toml plus the environment the chart gives it."""
+    for name in [n for n in os.environ if n.startswith("SANDBOXD_") or n == "CREDENTIALS_DIRECTORY"]:
+        monkeypatch.delenv(name)
+    env = dict(FAKE_POD)
+    for var in daemon_container(value_set)["env"]:
+        if "value" in var:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
+            if var["name"].startswith("SANDBOXD_"):
+                monkeypatch.setenv(var["name"], env[var["name"]])
+    config = tmp_path / "sandboxd.toml"
+    config.write_text(one(value_set, "ConfigMap")["data"]["sandboxd.toml"])
+    return load_settings([], prog="sandboxd run", config_file=str(config), secrets_dir=[tmp_path / "none"])
+
+
+@value_sets
+def test_chart_values_reach_the_daemons_settings(value_set: str, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = daemon_settings(value_set, tmp_path, monkeypatch)
+    values = _chart().merge_values(load_values(VALUE_SETS[value_set]))
+    for value, setting in CHART_VALUE_SETTINGS.items():
+        assert getattr(settings, setting) == value_at(values, value), f"{value} -> {setting}"
+    # The broker and proxy exactly when sandboxes have no network; a socket path the daemon accepts.
+    ways_out = assembly.channels(settings)
+    assert (ways_out is None) == (values["networkMode"] != "none")
+    store = values["workspaceStore"]
+    if store["existingClaim"] or store["create"]:
+        assert settings.workspace_store_dir == Path(store["mountPath"]) / "workspaces"
+    else:
+        assert settings.workspace_store_dir is None  # <state_dir>/workspaces, pod-local
+
+
+@value_sets
+def test_socket_dir_is_the_same_directory_for_the_engine(value_set: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine bind-mounts socket_dir into sandboxes: the path must name, on the engine's
+    filesystem, the directory the daemon serves its sockets in."""
+    settings = daemon_settings(value_set, tmp_path, monkeypatch)
+    mode = docker_mode(value_set)
+    spec = one(value_set, "Deployment", "daemon")["spec"]["template"]["spec"]
+    daemon = {m["name"]: m["mountPath"] for m in daemon_container(value_set)["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    if mode == "external":
+        assert "channels" not in volumes and settings.socket_dir is None
+        return
+    assert settings.socket_dir is not None
+    mount = daemon["channels"]
+    # A directory the daemon creates below the mount, so it owns it and may set its mode.
+    assert settings.socket_dir.parent == Path(mount)
+    if mode == "dind":
+        (dind,) = spec["initContainers"]
+        assert {m["name"]: m["mountPath"] for m in dind["volumeMounts"]}["channels"] == mount
+        assert "emptyDir" in volumes["channels"]
+        assert not mount.startswith(("/run/", "/etc/"))  # rootless dind copies those up
+    else:
+        assert volumes["channels"]["hostPath"] == {"path": mount, "type": "Directory"}
+    handoff = _chart().merge_values(load_values(VALUE_SETS[value_set]))["shutdownMode"] == "handoff"
+    if mode == "hostSocket":
+        # Per pod, or with handoff per node (one pod per node), where the successor serves again.
+        assert settings.socket_dir.name == ("handoff" if handoff else FAKE_POD["POD_NAME"])
+
+
+@value_sets
+def test_handoff_gives_the_successor_the_same_identity(value_set: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The successor of a pod adopts what it left only under the same instance name."""
+    values = _chart().merge_values(load_values(VALUE_SETS[value_set]))
+    settings = daemon_settings(value_set, tmp_path, monkeypatch)
+    spec = one(value_set, "Deployment", "daemon")["spec"]["template"]["spec"]
+    if values["shutdownMode"] != "handoff":
+        assert settings.worker_id == values["config"].get("worker_id")  # the hostname: one pod, one instance
+        return
+    mode = docker_mode(value_set)
+    assert mode != "dind"
+    expected = f"{NAMESPACE}-{RELEASE}-sandboxd" + (f"-{FAKE_POD['NODE_NAME']}" if mode == "hostSocket" else "")
+    assert settings.worker_id == expected and assembly.instance_name(settings) == expected
+    strategy = one(value_set, "Deployment", "daemon")["spec"]["strategy"]
+    assert strategy["type"] == "Recreate" or str(strategy["rollingUpdate"]["maxSurge"]) in {"0", "0%"}
+    if mode == "hostSocket":
+        terms = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "sandboxd", "app.kubernetes.io/instance": RELEASE,
+            "app.kubernetes.io/component": "daemon"}}} in terms
+        assert spec["affinity"]["nodeAffinity"] == values["affinity"]["nodeAffinity"]  # values kept
+    else:
+        assert one(value_set, "Deployment", "daemon")["spec"]["replicas"] == 1
+
+
+@value_sets
+def test_workspace_store_claim_is_mounted(value_set: str) -> None:
+    values = _chart().merge_values(load_values(VALUE_SETS[value_set]))
+    store = values["workspaceStore"]
+    claims = [d for d in manifests(value_set) if d["kind"] == "PersistentVolumeClaim"]
+    volumes = {v["name"]: v for v in one(value_set, "Deployment", "daemon")["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in daemon_container(value_set)["volumeMounts"]}
+    if not (store["existingClaim"] or store["create"]):
+        assert not claims and "workspace-store" not in volumes
+        return
+    name = store["existingClaim"] or f"{RELEASE}-sandboxd-workspaces"
+    assert volumes["workspace-store"]["persistentVolumeClaim"] == {"claimName": name}
+    assert mounts["workspace-store"] == store["mountPath"]
+    if store["existingClaim"]:
+        assert not claims
+    else:
+        (claim,) = claims
+        assert claim["metadata"]["name"] == name
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+        assert claim["spec"]["resources"]["requests"]["storage"] == store["size"]
+        assert claim["spec"].get("storageClassName", "") == store["storageClassName"]
+        assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+@value_sets
+def test_network_policy_follows_the_network_mode(value_set: str) -> None:
+    values = _chart().merge_values(load_values(VALUE_SETS[value_set]))
+    egress = one(value_set, "NetworkPolicy")["spec"]["egress"]
+    anywhere = next(rule for rule in egress if "to" in rule)
+    assert {b["ipBlock"]["cidr"] for b in anywhere["to"]} == {"0.0.0.0/0", "::/0"}
+    assert anywhere["to"][0]["ipBlock"]["except"] == values["networkPolicy"]["egressExcept"]  # no metadata
+    if values["networkMode"] != "none":
+        assert egress == [anywhere] and "ports" not in anywhere  # opted out: sandboxes need any port
+        return
+    dns = next(rule for rule in egress if "to" not in rule)
+    assert sorted((p["protocol"], p["port"]) for p in dns["ports"]) == [("TCP", 53), ("UDP", 53)]
+    ports = {p["port"] for p in anywhere["ports"]}
+    expected = {443, *values["networkPolicy"]["egressPorts"]}
+    for url in (values["config"].get("base_url"), values["config"].get("sandbox_base_url")):
+        if url:
+            parsed = urlsplit(url)
+            expected.add(parsed.port or (80 if parsed.scheme == "http" else 443))
+    if docker_mode(value_set) == "external":
+        expected.add(int(values["docker"]["external"]["host"].rsplit(":", 1)[1]))
+    if values["config"].get("git_ssh_key_files"):
+        expected.add(22)
+    for entry in values["egress"]["allowedHosts"]:
+        match = re.search(r":(\d+)$", entry)
+        expected.add(int(match.group(1)) if match else 80)
+    assert ports == expected
+
+
 def test_schema_knows_every_daemon_setting() -> None:
     """values.config is checked against the daemon's own settings: no more, no fewer."""
     schema = json.loads((CHART / "values.schema.json").read_text())
@@ -348,6 +536,18 @@ def test_host_socket_mode_warns_loudly() -> None:
     spec = one("host-socket-values", "Deployment", "daemon")["spec"]["template"]["spec"]
     assert spec["securityContext"]["supplementalGroups"] == [999]
     assert "WARNING" not in render("default")[f"{CHART.name}/templates/NOTES.txt"]
+
+
+def test_notes_say_what_the_network_and_shutdown_modes_imply() -> None:
+    notes = {name: render(name)[f"{CHART.name}/templates/NOTES.txt"] for name in VALUE_SETS}
+    assert "a remote engine cannot mount" in notes["external-values"]
+    assert "networkMode=host: tools in sandboxes have raw networking" in notes["external-host-network-values"]
+    assert "Hand-off: SIGTERM leaves running sessions" in notes["host-socket-handoff-values"]
+    assert "the same node" in notes["host-socket-handoff-values"]
+    assert "owned by uid 10002" in notes["host-socket-values"]
+    assert "AUDIT MODE" in notes["egress-allowlist-values"]
+    for quiet in ("raw networking", "Hand-off", "AUDIT MODE"):
+        assert quiet not in notes["default"]
 
 
 def _checkov() -> str:
@@ -481,3 +681,31 @@ def test_bad_values_are_rejected(path: Path) -> None:
             _chart().render(values, name=RELEASE, namespace=NAMESPACE)
         assert expect in str(caught.value)
 
+
+# `fail`s no values file can reach, each with why.
+UNREACHABLE_FAILS = {
+    "files/prometheus-rules.yaml is missing": "guards a packaging mistake (the symlink not followed), not a value",
+}
+
+
+def _fail_patterns() -> dict[str, re.Pattern[str]]:
+    """Each `fail` message of _helpers.tpl, its printf verbs as wildcards."""
+    text = (CHART / "templates" / "_helpers.tpl").read_text()
+    messages = re.findall(r'fail (?:\(printf )?"((?:[^"\\]|\\.)*)"', text)
+    assert len(messages) >= 15, messages
+    return {m: re.compile(".*?".join(re.escape(part) for part in re.split(r"%[-+# 0]*\d*[dqsv]", m)))
+            for m in messages}
+
+
+def test_every_fail_in_the_helpers_is_reached_by_a_bad_values_file() -> None:
+    """Each impossible combination has a file in helm/bad-values/ that makes its `fail` fire."""
+    errors = []
+    for path in BAD_VALUES:
+        if _expectation(path)[0] == "template":
+            with pytest.raises(helm.HelmError) as caught:
+                _chart().render(yaml.safe_load(path.read_text()), name=RELEASE, namespace=NAMESPACE)
+            errors.append(str(caught.value))
+    unreached = [m for m, pattern in _fail_patterns().items()
+                 if not any(pattern.search(e) for e in errors)
+                 and not any(m.startswith(prefix) for prefix in UNREACHABLE_FAILS)]
+    assert not unreached, f"no helm/bad-values/ file makes these fire: {unreached}"

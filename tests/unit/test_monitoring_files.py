@@ -108,6 +108,20 @@ def test_each_rule_is_promql_over_exposed_metrics(rule: dict[str, Any], exposed:
     assert names - PROMETHEUS_OWN <= exposed, f"not in /metrics: {names - PROMETHEUS_OWN - exposed}"
 
 
+def test_the_rules_cover_the_lifecycle_metrics() -> None:
+    by_name = {rule["alert"]: rule for rule in rules()}
+    stalled = by_name["SandboxdSessionsStalled"]
+    assert metric_names(stalled["expr"]) == {"sandboxd_sessions_stalled"} and "> 0" in stalled["expr"]
+    assert stalled["for"] == "10m"
+    refused = by_name["SandboxdEgressRefusedSpike"]
+    assert 'decision="refused"' in refused["expr"] and refused["labels"]["severity"] == "info"
+    corrupt = by_name["SandboxdWorkspaceRestoreCorrupt"]
+    assert 'result="corrupt"' in corrupt["expr"] and "> 0" in corrupt["expr"]
+    assert metric_names(by_name["SandboxdWarmPoolNotFilling"]["expr"]) == {"sandboxd_pool_ready", "sandboxd_pool_size"}
+    assert metric_names(by_name["SandboxdWorkspaceDiskLimitStops"]["expr"]) == {
+        "sandboxd_workspace_disk_limit_stops_total"}
+
+
 def test_the_dashboard_is_valid_json_with_unique_panels() -> None:
     board = dashboard()
     assert board["uid"] and board["title"]
@@ -137,6 +151,11 @@ def test_every_dashboard_query_is_promql_over_exposed_metrics(exposed: set[str])
     families = {n.removesuffix("_bucket") for n in queried}
     assert {"sandboxd_queue_depth", "sandboxd_queue_oldest_age_seconds", "sandboxd_sessions_finished_total",
             "sandboxd_container_launch_errors_total", "sandboxd_session_duration_seconds"} <= families
+    # ... and this round's lifecycle, tool, egress and workspace-store families.
+    assert {"sandboxd_sessions_stalled", "sandboxd_workspace_disk_limit_stops_total", "sandboxd_pool_ready",
+            "sandboxd_pool_size", "sandboxd_pool_acquisitions_total", "sandboxd_claim_to_first_heartbeat_seconds",
+            "sandboxd_tool_calls_total", "sandboxd_tool_call_duration_seconds", "sandboxd_egress_requests_total",
+            "sandboxd_workspace_restores_total", "sandboxd_sessions_adopted_total"} <= families
 
 
 def test_promql_parser_rejects_invalid_promql() -> None:
@@ -201,6 +220,25 @@ def _scenarios() -> list[dict[str, Any]]:
         _series("sandboxd_sessions_finished_total", {"outcome": "succeeded", **d3}, "0x40"),
         _series("sandboxd_sessions_finished_total", {"outcome": "cancelled", **d2}, "0+2x40"),
         _series("sandboxd_sessions_finished_total", {"outcome": "succeeded", **d2}, "0+1x40"),
+        # d1's sessions are all handed off to its successor: not failing either.
+        _series("sandboxd_sessions_finished_total", {"outcome": "handed_off", **d1}, "0+3x40"),
+        _series("sandboxd_sessions_finished_total", {"outcome": "succeeded", **d1}, "0+1x40"),
+        # d1 has a stalled session throughout; d2's stalled for 5 minutes only (under the 10m `for`).
+        _series("sandboxd_sessions_stalled", d1, "1x40"),
+        _series("sandboxd_sessions_stalled", d2, "0x20 1x5 0x15"),
+        # d3's egress proxy refuses 5 requests a minute; d2's 1 a minute (normal noise).
+        _series("sandboxd_egress_requests_total", {"decision": "refused", **d3}, "0+5x40"),
+        _series("sandboxd_egress_requests_total", {"decision": "refused", **d2}, "0+1x40"),
+        _series("sandboxd_egress_requests_total", {"decision": "allowed", **d2}, "0+50x40"),
+        # d3 restored a corrupt workspace once; d2's restores all hit.
+        _series("sandboxd_workspace_restores_total", {"result": "corrupt", **d3}, "0x25 1x15"),
+        _series("sandboxd_workspace_restores_total", {"result": "hit", **d2}, "0+3x40"),
+        # d1 stopped a session over its disk limit; d1's pool never fills, d3's is full.
+        _series("sandboxd_workspace_disk_limit_stops_total", d1, "0x20 1x20"),
+        _series("sandboxd_pool_size", d1, "2x40"),
+        _series("sandboxd_pool_ready", d1, "0x40"),
+        _series("sandboxd_pool_size", d3, "2x40"),
+        _series("sandboxd_pool_ready", d3, "2x40"),
     ]
     expected = [
         {"alertname": "SandboxdQueueBackingUp", "environment_id": "env_a"},
@@ -210,6 +248,11 @@ def _scenarios() -> list[dict[str, Any]]:
         {"alertname": "SandboxdNotPolling", "instance": "d1"},
         {"alertname": "SandboxdAtCapacity", "instance": "d2"},
         {"alertname": "SandboxdSessionsFailing", "instance": "d3"},
+        {"alertname": "SandboxdSessionsStalled", "instance": "d1"},
+        {"alertname": "SandboxdEgressRefusedSpike", "instance": "d3"},
+        {"alertname": "SandboxdWorkspaceRestoreCorrupt", "instance": "d3"},
+        {"alertname": "SandboxdWorkspaceDiskLimitStops", "instance": "d1"},
+        {"alertname": "SandboxdWarmPoolNotFilling", "instance": "d1"},
     ]
     return [{"interval": "1m", "input_series": series, "promql_expr_test": [_firing("30m", expected)]}]
 

@@ -110,11 +110,59 @@ whole numbers are written as integers; strings are JSON-quoted (a valid TOML bas
 environment_id = {{ toJson .Values.environmentId }}
 {{- end }}
 image = {{ include "sandboxd.sandboxImage" . | toJson }}
+network_mode = {{ toJson .Values.networkMode }}
+egress_allowed_hosts = {{ include "sandboxd.tomlValue" .Values.egress.allowedHosts }}
+egress_audit = {{ .Values.egress.audit }}
+shutdown_mode = {{ toJson .Values.shutdownMode }}
+warm_pool_size = {{ include "sandboxd.tomlValue" .Values.warmPoolSize }}
+warm_pool_max_age_seconds = {{ include "sandboxd.tomlValue" .Values.warmPoolMaxAgeSeconds }}
+workspace_retention_seconds = {{ include "sandboxd.tomlValue" .Values.workspaceRetentionSeconds }}
+workspace_store_max_bytes = {{ include "sandboxd.tomlValue" .Values.workspaceStoreMaxBytes }}
+{{- if include "sandboxd.workspaceStoreClaim" . }}
+workspace_store_dir = {{ printf "%s/workspaces" .Values.workspaceStore.mountPath | toJson }}
+{{- end }}
+{{- if eq .Values.docker.mode "dind" }}
+socket_dir = {{ include "sandboxd.dindSocketDir" . | toJson }}
+{{- end }}
 {{- range $key, $value := .Values.config }}
 {{- if not (kindIs "invalid" $value) }}
 {{ $key }} = {{ include "sandboxd.tomlValue" $value }}
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The claim holding the shared workspace store, or nothing when the store is pod-local. */}}
+{{- define "sandboxd.workspaceStoreClaim" -}}
+{{- if .Values.workspaceStore.existingClaim -}}
+{{- .Values.workspaceStore.existingClaim -}}
+{{- else if .Values.workspaceStore.create -}}
+{{- printf "%s-workspaces" (include "sandboxd.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The broker and proxy sockets. The engine bind-mounts socket_dir into each sandbox, so the path
+must name the same directory on the engine's filesystem as in the daemon: in dind an emptyDir
+mounted at the same path in both containers (not under /run, which rootless dind copies up), in
+hostSocket a directory of the node mounted at its own path. socket_dir is a subdirectory the
+daemon creates, so the daemon owns it (it sets its mode).
+*/}}
+{{- define "sandboxd.dindSocketDir" -}}/var/lib/sandboxd-channels/run{{- end -}}
+{{- define "sandboxd.hostSocketDir" -}}
+{{- default (printf "/run/sandboxd/%s" (include "sandboxd.fullname" .)) .Values.docker.hostSocket.socketDir -}}
+{{- end -}}
+
+{{/*
+The daemon's identity on the engine (worker_id, the sandboxes' instance label) with
+shutdownMode=handoff: stable across pods, so the successor of a pod adopts what it left. Per node
+in hostSocket mode (one pod per node), per release in external mode (one pod per engine). Empty
+with drain: each pod is its own instance (its hostname).
+*/}}
+{{- define "sandboxd.handoffIdentity" -}}
+{{- if eq .Values.shutdownMode "handoff" -}}
+{{- printf "%s-%s" .Release.Namespace (include "sandboxd.fullname" .) -}}
+{{- if eq .Values.docker.mode "hostSocket" -}}-$(NODE_NAME){{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* The API key is needed by the exporter, and by the daemons when mountApiKey is true. */}}
@@ -161,6 +209,31 @@ image = {{ include "sandboxd.sandboxImage" . | toJson }}
 {{- fail "keda.minReplicas=0 needs exporter.enabled: with no daemon running, only the exporter reports the queue depth that scales the daemons back up" -}}
 {{- end -}}
 {{- end -}}
+{{- if and (eq .Values.docker.mode "external") (eq .Values.networkMode "none") -}}
+{{- fail "docker.mode=external with networkMode=none: the API broker and the egress proxy are unix sockets the engine bind-mounts into sandboxes, and a remote engine cannot mount them, so its sandboxes could not even reach the API. Set networkMode to an opted-out mode (bridge or a Docker network of the engine's host) and enforce egress there yourself" -}}
+{{- end -}}
+{{- if eq .Values.shutdownMode "handoff" -}}
+{{- if eq .Values.docker.mode "dind" -}}
+{{- fail "shutdownMode=handoff with docker.mode=dind: the pod's engine, and every sandbox on it, dies with the pod, so there is nothing to hand off. Use shutdownMode=drain, or docker.mode hostSocket or external" -}}
+{{- end -}}
+{{- $rolling := .Values.updateStrategy.rollingUpdate | default dict -}}
+{{- $surge := ternary (toString $rolling.maxSurge) "25%" (hasKey $rolling "maxSurge") -}}
+{{- if and (ne (toString .Values.updateStrategy.type) "Recreate") (not (has $surge (list "0" "0%"))) -}}
+{{- fail "shutdownMode=handoff needs updateStrategy without surge (type Recreate, or rollingUpdate.maxSurge 0 with maxUnavailable 1): a pod's successor takes over its sandboxes under the same identity and must not run beside it" -}}
+{{- end -}}
+{{- if .Values.keda.enabled -}}
+{{- fail "shutdownMode=handoff with keda.enabled: a scale-down would hand running sessions to a daemon that never comes. Use shutdownMode=drain with KEDA" -}}
+{{- end -}}
+{{- if and (eq .Values.docker.mode "external") (gt (int .Values.replicas) 1) -}}
+{{- fail (printf "shutdownMode=handoff with docker.mode=external needs replicas 1 (not %d): the daemons of a release share one identity on the engine; run one release per daemon" (int .Values.replicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.workspaceStore.existingClaim .Values.workspaceStore.create -}}
+{{- fail "set either workspaceStore.existingClaim or workspaceStore.create, not both" -}}
+{{- end -}}
+{{- if and (eq .Values.docker.mode "hostSocket") (gt (add (len (include "sandboxd.hostSocketDir" .)) (len (include "sandboxd.fullname" .)) 30) 107) -}}
+{{- fail (printf "docker.hostSocket.socketDir %q is too long: with the pod's subdirectory and egress.sock the socket path would exceed the 107 bytes of a unix socket address; choose a shorter directory or fullnameOverride" (include "sandboxd.hostSocketDir" .)) -}}
+{{- end -}}
 {{- if and .Values.metrics.prometheusRule.enabled (not (.Files.Get "files/prometheus-rules.yaml")) -}}
 {{- fail "files/prometheus-rules.yaml is missing from the chart (it links monitoring/prometheus-rules.yaml)" -}}
 {{- end -}}
@@ -171,4 +244,58 @@ image = {{ include "sandboxd.sandboxImage" . | toJson }}
 {{- range .Values.topologySpreadConstraints }}
 - {{ toYaml (merge (dict) . (dict "labelSelector" (dict "matchLabels" (merge (dict "app.kubernetes.io/component" "daemon") (fromYaml (include "sandboxd.selectorLabels" $))))) ) | nindent 2 | trim }}
 {{- end }}
+{{- end -}}
+
+{{/*
+The daemon pods' affinity: values.affinity, plus (hostSocket + handoff) one pod of the release per
+node, since the pods of a node share its engine and, with handoff, their identity on it.
+*/}}
+{{- define "sandboxd.affinity" -}}
+{{- $affinity := deepCopy (.Values.affinity | default dict) -}}
+{{- if and (eq .Values.docker.mode "hostSocket") (eq .Values.shutdownMode "handoff") -}}
+{{- $term := dict "topologyKey" "kubernetes.io/hostname" "labelSelector" (dict "matchLabels" (merge (dict "app.kubernetes.io/component" "daemon") (fromYaml (include "sandboxd.selectorLabels" .)))) -}}
+{{- $anti := get $affinity "podAntiAffinity" | default dict -}}
+{{- $required := get $anti "requiredDuringSchedulingIgnoredDuringExecution" | default list -}}
+{{- $_ := set $anti "requiredDuringSchedulingIgnoredDuringExecution" (append $required $term) -}}
+{{- $_ := set $affinity "podAntiAffinity" $anti -}}
+{{- end -}}
+{{- if $affinity }}{{ toYaml $affinity }}{{ end -}}
+{{- end -}}
+
+{{/*
+The TCP ports the pods reach with networkMode none, as a JSON list of numbers: 443, the ports of
+base_url and sandbox_base_url (where the broker forwards), the external engine's, 22 for ssh git URLs, what egress.allowedHosts entries name (a bare or
+wildcard entry means 80 and 443), and networkPolicy.egressPorts.
+*/}}
+{{- define "sandboxd.egressPorts" -}}
+{{- $ports := list 443 -}}
+{{- range list .Values.config.base_url .Values.config.sandbox_base_url -}}
+{{- if . -}}
+{{- $url := urlParse . -}}
+{{- $suffix := regexFind ":[0-9]+$" $url.host -}}
+{{- $ports = append $ports (ternary (trimPrefix ":" $suffix | atoi) (ternary 80 443 (eq $url.scheme "http")) (ne $suffix "")) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq .Values.docker.mode "external" -}}
+{{- $ports = append $ports (regexFind "[0-9]+$" .Values.docker.external.host | atoi) -}}
+{{- end -}}
+{{- if .Values.config.git_ssh_key_files -}}
+{{- $ports = append $ports 22 -}}
+{{- end -}}
+{{- range .Values.egress.allowedHosts -}}
+{{- $suffix := regexFind ":[0-9]+$" . -}}
+{{- if $suffix -}}
+{{- $ports = append $ports (trimPrefix ":" $suffix | atoi) -}}
+{{- else -}}
+{{- $ports = append $ports 80 -}}
+{{- end -}}
+{{- end -}}
+{{- range .Values.networkPolicy.egressPorts -}}
+{{- $ports = append $ports (int .) -}}
+{{- end -}}
+{{- $padded := list -}}
+{{- range uniq $ports -}}{{- $padded = append $padded (printf "%05d" (int .)) -}}{{- end -}}
+{{- $sorted := list -}}
+{{- range sortAlpha $padded -}}{{- $sorted = append $sorted (atoi .) -}}{{- end -}}
+{{- toJson $sorted -}}
 {{- end -}}
