@@ -33,6 +33,7 @@ from .outcome import Outcome
 from .pool import WarmPool
 from .queue import WorkQueue
 from .session import SessionResult, SessionSupervisor
+from .settlement import Settlement
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,9 @@ class Daemon:
             if sandbox.record is None or not sandbox.container_id:
                 log.info("stale_sandbox_removed container=%s running=%s", sandbox.name, found.running)
                 await self._backend.remove(sandbox)
+                if sandbox.record is not None:  # its container vanished: nothing else will stop the item
+                    async with Settlement(self._queue, sandbox.record.item):
+                        pass
                 continue
             try:
                 self._slots.acquire_nowait()

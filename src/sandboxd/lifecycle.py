@@ -86,11 +86,14 @@ class Tracked:
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     stop_reason: str = ""
     adopted_at: float = 0.0  # wall clock; events before it are replays (no metrics)
+    from_pool: bool = False
+    workspace_ready: bool = False  # delivered (or adopted): worth keeping for the session's next item
     _claim: tuple[str, float, Metrics] | None = None
 
     def claimed(self, source: str, at: float, metrics: Metrics) -> None:
         """The item was handed over at `at` (wall clock): observe claim → first heartbeat once it comes."""
         self._claim = (source, at, metrics)
+        self.activity.last_event = max(self.activity.last_event, at)  # time in the pool is not silence
         self.observe_first_heartbeat()
 
     def observe_first_heartbeat(self) -> None:
@@ -123,6 +126,7 @@ class Lifecycle:
             member = self.pool.take()
             self._metrics.pool_acquisitions.labels("hit" if member else "miss").inc()
             if member is not None:
+                member.from_pool = True
                 return member
         return self.track(await self.backend.create())
 
@@ -138,11 +142,16 @@ class Lifecycle:
     def track(self, sandbox: Sandbox, *, adopted: bool = False) -> Tracked:
         """Start watching a sandbox: its exit and its event stream."""
         assert self._tg is not None, "Lifecycle.run must be started first"
-        tracked = Tracked(sandbox, adopted_at=time.time() if adopted else 0.0)
+        tracked = Tracked(sandbox, adopted_at=time.time() if adopted else 0.0, workspace_ready=adopted)
         self._tracked[sandbox.name] = tracked
         self._tg.start_soon(self._wait_exit, tracked, name=f"wait {sandbox.name}")
         self._tg.start_soon(self._follow, tracked, name=f"events {sandbox.name}")
         return tracked
+
+    def workspace_delivered(self, sandbox: Sandbox) -> None:
+        tracked = self._tracked.get(sandbox.name)
+        if tracked is not None:
+            tracked.workspace_ready = True
 
     def assigned(self) -> list[Tracked]:
         return [t for t in self._tracked.values() if t.sandbox.record is not None and not t.exited.is_set()]

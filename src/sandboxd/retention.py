@@ -90,7 +90,8 @@ class WorkspaceRetention:
 
     async def _keep(self, tracked: Tracked, settlement: Settlement) -> None:
         sandbox = tracked.sandbox
-        if sandbox.record is None or not sandbox.container_id or settlement.outcome in _NOT_KEPT:
+        if (sandbox.record is None or not sandbox.container_id or not tracked.workspace_ready
+                or settlement.outcome in _NOT_KEPT):
             return
         session_id = sandbox.record.item.session_id
         if await self._queue.session_status(session_id) == "terminated":

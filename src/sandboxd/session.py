@@ -162,11 +162,17 @@ class SessionSupervisor:
         try:
             if not await self._hand_off(item, got, settlement, environment_key, started, plan):
                 return None
-        except BaseException:
-            with anyio.CancelScope(shield=True):  # never leave a sandbox behind (the settlement decides the stop)
-                if not self.handing_off:
-                    await self._lifecycle.stop_and_wait(got)
-                    await self._lifecycle.retire(got, verbose=True)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):  # never leave a sandbox behind; its exit decides the stop
+                if self.handing_off:
+                    settlement.hand_off()
+                    self._lifecycle.forget(got)
+                else:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        settlement.record(Outcome.CANCELLED, "stopped by the daemon's shutdown")
+                    else:
+                        settlement.record(Outcome.FAILED, "internal error (traceback in the log)")
+                    await self._end(got, settlement)
             raise
         return got
 
@@ -196,7 +202,7 @@ class SessionSupervisor:
         ref = settlement.item
         record = AssignmentRecord(ref, started, started + self._limits.max_session_seconds)
         assignment = Assignment(ref.work_id, ref.environment_id, ref.session_id, getattr(item, "secret", None))
-        source = "pool" if tracked.activity.ready.is_set() else "cold"
+        source = "pool" if tracked.from_pool else "cold"
         try:
             await self._lifecycle.backend.assign(tracked.sandbox, record, assignment.to_line(environment_key))
         except EngineError as exc:
@@ -242,6 +248,7 @@ class SessionSupervisor:
             return f"{exc.reason}: {exc}"
         self._metrics.workspace_duration.observe(time.monotonic() - began)
         await self._send_quietly(sandbox, workspace_ready_line())
+        self._lifecycle.workspace_delivered(sandbox)
         return None
 
     async def _send_quietly(self, sandbox: Sandbox, line: bytes) -> None:
@@ -261,9 +268,10 @@ class SessionSupervisor:
         record = tracked.sandbox.record
         assert record is not None
         try:
-            with anyio.move_on_after(max(0.0, record.deadline - time.time())) as timer:
+            # At least a moment: an adopted sandbox that exited after its deadline reports its exit at once.
+            with anyio.move_on_after(max(1.0, record.deadline - time.time())) as timer:
                 await _first_of(tracked.exited, tracked.stop_requested)
-            if timer.cancelled_caught:
+            if timer.cancelled_caught and not tracked.exited.is_set():
                 log.warning("session_timed_out work_id=%s after=%.0fs", record.item.work_id,
                             self._limits.max_session_seconds)
                 limit = self._limits.max_session_seconds
@@ -278,6 +286,7 @@ class SessionSupervisor:
                     settlement.hand_off()
                     self._lifecycle.forget(tracked)
                 else:
+                    settlement.record(Outcome.CANCELLED, "stopped by the daemon's shutdown")
                     await self._end(tracked, settlement)
             raise
 

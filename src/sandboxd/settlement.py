@@ -52,6 +52,7 @@ class Settlement:
         self.outcome: Outcome | None = None
         self.reason = ""
         self.stopped_by_daemon = False
+        self.exit_seen = False  # the sandbox's exit (or loss) already decided who stops the item
         self._queue = queue
 
     def record(self, outcome: Outcome, reason: str = "") -> None:
@@ -66,16 +67,18 @@ class Settlement:
 
     def sandbox_exited(self, status: int, *, oom_killed: bool = False) -> None:
         """Take the sandbox's exit status: the daemon owns the stop again when it could not have."""
+        self.exit_seen = True
         if status not in ITEM_SETTLED_BY_SANDBOX:
             log.warning("sandbox_died work_id=%s exit=%s%s; stopping the item", self.item.work_id, status,
                         " (oom killed)" if oom_killed else "")
             self.owner = Owner.DAEMON
-        if oom_killed:
-            self.record(Outcome.OOM_KILLED, f"the sandbox ran out of memory (exit {status})")
+            if oom_killed:  # the worker itself was killed (a tool's OOM kill is that tool's error)
+                self.record(Outcome.OOM_KILLED, f"the sandbox ran out of memory (exit {status})")
         self.record(outcome_for_exit(status), describe_exit(status))
 
     def sandbox_lost(self, why: str) -> None:
         """The sandbox's fate is unknown (gone, engine unreachable): stopping again is harmless (409)."""
+        self.exit_seen = True
         self.owner = Owner.DAEMON
         self.record(Outcome.FAILED, why)
 
@@ -96,7 +99,8 @@ class Settlement:
             else:
                 # A bug while serving: the sandbox (if any) was removed without its worker's stop.
                 log.error("session_crashed work_id=%s", self.item.work_id, exc_info=(kind, exc, tb))  # type: ignore[arg-type]
-                self.owner = Owner.DAEMON
+                if not self.exit_seen:
+                    self.owner = Owner.DAEMON
                 self.record(Outcome.FAILED, "internal error (traceback in the log)")
         if self.owner is Owner.DAEMON and not self.stopped_by_daemon:
             with anyio.CancelScope(shield=True), anyio.move_on_after(30):

@@ -189,3 +189,23 @@ def _readyz(address: str) -> str:
             return f"{response.status} {response.read().decode()}"
     except urllib.error.HTTPError as exc:
         return f"{exc.code} {exc.read().decode()}"
+
+
+def test_sighup_hands_off_and_re_executes_in_place(harness: Harness) -> None:
+    cp = harness.control_plane
+    session = cp.add_session(_slow_session("hup", seconds=8))
+    run = harness.start("run")
+    _wait_in_tool_call(harness, [session.session_id])
+
+    harness.signal(run, signal.SIGHUP)  # `systemctl reload`: hand off, then exec the (new) code, same PID
+    cp.wait_for(lambda s: s["work"][session.work_id]["state"] == "stopped", timeout=90)
+    assert run.process.poll() is None, "the same process goes on after re-executing"
+    harness.signal(run, signal.SIGTERM)
+    harness.wait(run, timeout=60)
+
+    state = cp.state_snapshot()
+    assert state["sessions"][session.session_id]["passed"]
+    _stopped_once_by_its_sandbox(state, session.work_id)
+    for line in ("handoff_requested signal=SIGHUP", "daemon_reexec", "sandbox_adopted", "outcome=succeeded"):
+        assert run.output.count(line) == 1, (line, run.output[-3000:])
+    assert harness.leftovers() == {"containers": [], "volumes": []}

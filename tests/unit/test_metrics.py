@@ -9,10 +9,19 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandboxd.exporter import oldest_age_seconds
-from sandboxd.metrics import LAUNCH_REASONS, Metrics, QueueMetrics
+from sandboxd.metrics import EGRESS_DECISIONS, LAUNCH_REASONS, RESTORE_RESULTS, TOOLS, Metrics, QueueMetrics
 from sandboxd.outcome import Outcome
+from sandboxd.workspace.store import RestoreResult
 
 BOUNDED_LABELS = {"outcome", "reason", "type", "environment_id", "version", "le"}
+# Label names added with the sandbox lifecycle, each with the one closed set of values it may take.
+ENUM_LABELS = {
+    "tool": set(TOOLS),
+    "source": {"pool", "cold", "adopted"},
+    "result": {"hit", "miss", "ok", "failed"} | set(RESTORE_RESULTS),
+    "direction": {"save", "restore"},
+    "decision": set(EGRESS_DECISIONS),
+}
 
 
 def families(registry: object) -> dict[str, object]:
@@ -30,7 +39,29 @@ def test_every_metric_has_the_prefix_and_bounded_labels() -> None:
     metrics.queue.add_environment("env_a")
     for name, labels, _ in samples(metrics.registry):
         assert name.startswith("sandboxd_"), name
-        assert set(labels) <= BOUNDED_LABELS, (name, labels)
+        assert set(labels) <= BOUNDED_LABELS | set(ENUM_LABELS), (name, labels)
+        for label, value in labels.items():
+            assert value in ENUM_LABELS.get(label, {value}), (name, label, value)
+
+
+def test_label_values_from_the_outside_are_mapped_onto_their_closed_sets() -> None:
+    assert {Metrics.tool_label(t) for t in ("bash", "grep", "mcp__github__create_pr", "", "Bash")} == {
+        "bash", "grep", "other"}
+    assert {r.value for r in RestoreResult} == set(RESTORE_RESULTS)
+
+
+def test_every_labelled_series_exists_before_the_first_event() -> None:
+    found = samples(Metrics().registry)
+    seen: dict[str, set[str]] = {}
+    for _name, labels, _ in found:
+        for label, value in labels.items():
+            if label in ENUM_LABELS:
+                seen.setdefault(label, set()).add(value)
+    assert seen["tool"] == set(TOOLS)
+    assert seen["source"] == {"pool", "cold", "adopted"}
+    assert seen["direction"] == {"save", "restore"}
+    assert seen["decision"] == set(EGRESS_DECISIONS)
+    assert seen["result"] == {"hit", "miss", "ok", "failed"} | set(RESTORE_RESULTS)
 
 
 def test_every_outcome_and_launch_reason_exists_before_the_first_event() -> None:
@@ -48,8 +79,15 @@ def test_every_outcome_and_launch_reason_exists_before_the_first_event() -> None
 def test_durations_are_histograms_in_seconds() -> None:
     found = families(Metrics().registry)
     for name in ("sandboxd_claim_to_start_seconds", "sandboxd_workspace_prepare_seconds",
-                 "sandboxd_session_duration_seconds"):
+                 "sandboxd_session_duration_seconds", "sandboxd_claim_to_first_heartbeat_seconds",
+                 "sandboxd_tool_call_duration_seconds", "sandboxd_workspace_transfer_seconds"):
         assert found[name].type == "histogram"  # type: ignore[attr-defined]
+    for name, family in found.items():
+        if family.type == "histogram":  # type: ignore[attr-defined]
+            assert name.endswith("_seconds"), f"{name}: a histogram of durations in base units"
+        assert not name.endswith(("_ms", "_milliseconds", "_minutes", "_kb", "_mb", "_kilobytes")), name
+        if family.type == "counter":  # type: ignore[attr-defined]
+            assert not name.endswith("_seconds"), f"{name}: a counter of seconds reads as _seconds_total"
     assert found["sandboxd_build_info"].type == "gauge"  # type: ignore[attr-defined]  # an Info, as text
 
 
