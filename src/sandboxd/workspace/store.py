@@ -26,15 +26,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from types import TracebackType
 from typing import IO
 
 from .snapshot import CHUNK, CODECS, CopyStats, SnapshotError, SnapshotFailure, SourceFailed, Tap, copy_workspace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Restored", "RestoreResult", "SnapshotError", "SnapshotFailure", "SnapshotInfo", "SweepCounts",
-           "WorkspaceStore"]
+__all__ = ["CORRUPT_REASONS", "Restored", "RestoreResult", "SnapshotError", "SnapshotFailure", "SnapshotInfo",
+           "SweepCounts", "WorkspaceStore"]
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -85,7 +84,7 @@ class Restored:
     tar_bytes: int = 0
     saved_at: float | None = None
     seconds: float = 0.0
-    reason: str | None = None  # why corrupt (bounded: see _Corrupt)
+    reason: str | None = None  # why corrupt: one of CORRUPT_REASONS
 
     def close(self) -> None:
         if self.archive is not None:
@@ -94,7 +93,7 @@ class Restored:
     def __enter__(self) -> Restored:
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
@@ -146,10 +145,15 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "content_bytes": int, "members": int, "saved_at": (int, float), "saved_by": str}
 
 
+CORRUPT_REASONS = ("bad_manifest", "session_mismatch", "missing_snapshot", "truncated", "size_mismatch",
+                   "checksum_mismatch", "decompress_failed", "read_failed")
+
+
 class _Corrupt(Exception):
-    """A snapshot that must not be restored; `reason` is a bounded label for the log line."""
+    """A snapshot that must not be restored; `reason` is one of CORRUPT_REASONS (bounded, for a label)."""
 
     def __init__(self, reason: str) -> None:
+        assert reason in CORRUPT_REASONS, reason
         super().__init__(reason)
         self.reason = reason
 
@@ -316,7 +320,8 @@ class WorkspaceStore:
     def restore(self, session_id: str) -> Restored:
         """The session's last snapshot as a verified tar for put_archive, or why there is none.
 
-        Nothing is handed out before the whole snapshot has been read and its sha256 checked.
+        Nothing is handed out before the whole snapshot has been read and its sha256 checked. Raises
+        (OSError) only when the local spool file cannot be written.
         """
         began = time.monotonic()
         entry = self.entry(session_id)
@@ -329,7 +334,11 @@ class WorkspaceStore:
                 if manifest.session_id != session_id:
                     raise _Corrupt("session_mismatch")
                 if self._clock() - manifest.saved_at > self.retention_seconds:
-                    self._remove_entry(entry, everything=False, expected=manifest.snapshot)
+                    try:
+                        self._remove_entry(entry, everything=False, expected=manifest.snapshot)
+                    except OSError as exc:  # expired all the same; sweep retries the removal
+                        log.warning("workspace_snapshot_remove_failed session_id=%s error=%r", _log_id(session_id),
+                                    str(exc))
                     log.info("workspace_snapshot_expired session_id=%s saved_at=%.0f", _log_id(session_id),
                              manifest.saved_at)
                     return Restored(RestoreResult.EXPIRED, seconds=time.monotonic() - began)
