@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from sandboxd import logs
-from sandboxd.cli import run_daemon, sandbox_spec
+from sandboxd.assembly import run_daemon, sandbox_spec
 from sandboxd.controlplane import ControlPlane, Expect, Scenario, ScriptedSession, ToolStep
 from sandboxd.entrypoint import ItemServer
 from sandboxd.metrics import Metrics
@@ -41,10 +42,13 @@ NOISY = ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "docker")
 class Box:
     """One in-process "container": its stdin stream, exit status and cancel scope."""
 
-    work_id: str
     name: str
     send: MemoryObjectSendStream[bytes]
     receive: MemoryObjectReceiveStream[bytes]
+    container_id: str = "in-process"
+    image_id: str = "in-process"
+    created_at: float = field(default_factory=time.time)
+    record: Any = None
     lines: list[str] = field(default_factory=list)
     status: int | None = None
     done: anyio.Event = field(default_factory=anyio.Event)
@@ -57,6 +61,7 @@ class InProcessEngine:
     def __init__(self, tg: anyio.abc.TaskGroup, workdir: Path) -> None:
         self._tg, self._workdir = tg, workdir
         self.assignments: list[dict[str, Any]] = []
+        self.records: list[Any] = []
 
     async def ping(self) -> bool:
         return True
@@ -64,17 +69,33 @@ class InProcessEngine:
     async def owned(self) -> list[Any]:
         return []
 
-    async def launch(self, work_id: str, session_id: str, environment_id: str) -> Box:
+    async def image_id(self) -> str:
+        return "in-process"
+
+    async def create(self, *, image_id: str | None = None) -> Box:
         send, receive = anyio.create_memory_object_stream[bytes](16)
-        box = Box(work_id, f"inproc-{work_id}", send, receive)
-        self._tg.start_soon(self._run, box, name=f"sandbox {work_id}")
+        box = Box(f"inproc-{len(self.assignments)}-{time.monotonic_ns()}", send, receive)
+        self._tg.start_soon(self._run, box, name=f"sandbox {box.name}")
         return box
+
+    async def assign(self, box: Box, record: Any, line: bytes) -> None:
+        box.record = record
+        self.records.append(record)
+        await self.send(box, line)
+
+    async def events(self, box: Box) -> Any:
+        await box.done.wait()
+        return
+        yield b""
+
+    async def workspace_bytes(self) -> dict[str, int]:
+        return {}
 
     async def _run(self, box: Box) -> None:
         with box.scope:
             message = parse_line(await box.receive.receive())
             self.assignments.append(message)
-            workdir = self._workdir / box.work_id
+            workdir = self._workdir / box.name
             workdir.mkdir(parents=True)
             sandbox = ItemServer(str(workdir), max_idle=5.0)
             code = await sandbox.serve(Assignment.from_message(message), message.get("environment_key"), box.receive)
@@ -89,10 +110,10 @@ class InProcessEngine:
         box.lines.append(text)
         await box.send.send(data)
 
-    async def wait(self, box: Box) -> int:
+    async def wait(self, box: Box) -> tuple[int, bool]:
         await box.done.wait()
         assert box.status is not None
-        return box.status
+        return box.status, False
 
     async def stop(self, box: Box, timeout_seconds: float) -> None:
         box.scope.cancel()
@@ -153,6 +174,9 @@ def settings_for(plane: ControlPlane, tmp_path: Path) -> Settings:
         max_sessions=2,
         state_dir=tmp_path / "state",
         log_level="DEBUG",
+        network_mode="host",  # the in-process "sandboxes" share the test's network
+        warm_pool_size=0,
+        workspace_retention_seconds=0,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -15,7 +16,7 @@ import httpx2
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sandboxd.cli import run_daemon
+from sandboxd.assembly import run_daemon
 from sandboxd.controlplane import ControlPlane, Scenario
 from sandboxd.metrics import Metrics
 from sandboxd.settings import Settings
@@ -61,7 +62,7 @@ async def until_status(http: httpx2.AsyncClient, url: str, status: int, within_s
 
 
 @pytest.mark.anyio
-async def test_readyz_turns_503_while_polls_hang_and_200_after(plane: ControlPlane) -> None:
+async def test_readyz_turns_503_while_polls_hang_and_200_after(plane: ControlPlane, tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{free_port()}"
     settings = Settings(
         environment_id=plane.environment_id,
@@ -70,6 +71,9 @@ async def test_readyz_turns_503_while_polls_hang_and_200_after(plane: ControlPla
         metrics_address=base.removeprefix("http://"),
         ready_poll_window_seconds=WINDOW_SECONDS,
         max_sessions=1,
+        state_dir=tmp_path / "state",
+        network_mode="host",  # no sandbox runs: no broker needed
+        warm_pool_size=0,
     )
     metrics = Metrics()
     async with anyio.create_task_group() as tg, httpx2.AsyncClient() as http:
