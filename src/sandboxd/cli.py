@@ -45,6 +45,12 @@ def _daemon_command(command: str, settings: Settings) -> int:
              summary.handed_off)
     if summary.reexec:
         _reexec()
+    if summary.handed_off:
+        # Threads still wait on the engine for sandboxes left to the next daemon (a container wait,
+        # a log follower); they must not hold the process. Everything of ours is closed by now.
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
     return code
 
 
