@@ -101,6 +101,8 @@ async def run_daemon(
     environment_key = settings.environment_key.get_secret_value()
     metrics = metrics or Metrics()
     ways_out = channels(settings)
+    if ways_out is not None:
+        ways_out.prepare()
     backend = backend or DockerBackend.from_env(sandbox_spec(settings, ways_out))
     if not await backend.ping():
         raise EngineError("the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")

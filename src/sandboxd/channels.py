@@ -69,12 +69,17 @@ class Channels:
     def bind_mounts(self) -> dict[str, str]:
         return {str(self.socket_dir): SANDBOX_SOCKET_DIR}
 
+    def prepare(self) -> None:
+        """Create the socket directory; ConfigError (exit 2) when it cannot be."""
+        try:
+            self.socket_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.socket_dir, 0o755)  # the sandbox user traverses it to connect
+        except OSError as exc:
+            raise ConfigError(f"`socket_dir` {self.socket_dir} is not usable: {exc.strerror or exc}") from None
+
     async def serve(self, metrics: Metrics, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                     ) -> None:
         """Serve the broker (and the proxy) until cancelled; ready once the sockets accept."""
-        self.socket_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.socket_dir, 0o755)  # the sandbox user traverses it to connect
-
         def count(decision: Decision) -> None:
             metrics.egress_requests.labels(decision.value).inc()
 

@@ -7,6 +7,7 @@ below receives narrow, already-validated values.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import sys
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    faulthandler.enable()  # a watchdog's SIGABRT (a stuck loop) leaves every thread's stack in the log
     args, rest = _parser().parse_known_args(argv)
     if args.command == "version":
         print(f"sandboxd {__version__}")

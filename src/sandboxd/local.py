@@ -8,6 +8,7 @@ on the local Docker engine, and a progress line per tool result as the sessions 
 from __future__ import annotations
 
 import argparse
+import secrets
 import tempfile
 import threading
 from collections.abc import Sequence
@@ -64,7 +65,7 @@ def _run_demo(plane: Any, args: argparse.Namespace, tmp: Path) -> int:
         max_idle_seconds=5,
         state_dir=tmp / "state",
         metrics_address=None,
-        worker_id="sandboxd-demo",
+        worker_id=f"sandboxd-demo-{secrets.token_hex(4)}",  # two demos on one engine never adopt each other
     )
     stop = threading.Event()
     progress = _Progress(plane)

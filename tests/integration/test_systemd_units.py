@@ -1,10 +1,11 @@
 """The systemd units: `systemd-analyze verify` passes, the sandboxing scores at most 2.5, and the
-units agree with the daemon (stop timeout above its shutdown grace, credentials as files).
+units agree with the daemon (stop timeout above its shutdown grace, credentials as files, reload
+is the SIGHUP hand-off). tests/integration/test_systemd_real.py runs them under a real systemd.
 
 `verify` also checks that ExecStart= names an executable, and loads the units the service
 depends on (sysinit.target, ...). Rather than installing sandboxd at /opt/sandboxd on the test
 machine, each check runs with `--root=` on a throw-away tree: the host's own unit directory
-(copied), our units in etc/systemd/system, and an executable stub at opt/sandboxd/bin/sandboxd.
+(copied), our units in etc/systemd/system, and executable stubs for ExecStart= and ExecReload=.
 `security --offline=yes` reads the unit files only; it runs no service.
 """
 
@@ -30,7 +31,7 @@ HARDENING = (
     "NoNewPrivileges", "CapabilityBoundingSet", "ProtectSystem", "ProtectHome", "PrivateDevices",
     "RestrictAddressFamilies", "SystemCallFilter", "SystemCallArchitectures", "RestrictNamespaces",
     "ProtectKernelTunables", "ProtectKernelModules", "ProtectControlGroups", "LockPersonality",
-    "MemoryDenyWriteExecute", "RestrictSUIDSGID", "UMask",
+    "MemoryDenyWriteExecute", "RestrictSUIDSGID", "UMask", "LimitCORE",
 )
 
 
@@ -56,10 +57,11 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "etc/systemd/system").mkdir(parents=True)
     for unit in UNITS:
         shutil.copy(SYSTEMD / unit, root / "etc/systemd/system" / unit)
-    stub = root / "opt/sandboxd/bin/sandboxd"
-    stub.parent.mkdir(parents=True)
-    stub.write_text("#!/bin/sh\nexit 0\n")
-    stub.chmod(0o755)
+    for path in ("opt/sandboxd/bin/sandboxd", "bin/kill"):  # ExecStart= and ExecReload=
+        stub = root / path
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
     return root
 
 
@@ -134,6 +136,8 @@ def test_template_has_the_same_hardening_and_its_own_paths() -> None:
 def test_unit_matches_the_daemon(name: str) -> None:
     service = unit_file(name)["Service"]
     assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    # reload = hand off running sandboxes and re-execute in place (SIGHUP); restart drains (SIGTERM).
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert service["WatchdogSec"].endswith("s") and int(service["WatchdogSec"][:-1]) >= 10
     # systemd must not SIGKILL the daemon while its sessions finish and their sandboxes stop.
     defaults = Settings.model_fields
