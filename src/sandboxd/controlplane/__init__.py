@@ -6,13 +6,25 @@ of scripted sessions, plus an unauthenticated `/_cp/...` admin surface.
 Use `ControlPlane` in-process, or `python -m sandboxd.controlplane`.
 """
 
-from .scenario import Expect, Scenario, ScriptedSession, SkillSpec, ToolStep, load_scenario, six_tool_session
+from .scenario import (
+    Expect,
+    FaultPlan,
+    FaultRule,
+    Scenario,
+    ScriptedSession,
+    SkillSpec,
+    ToolStep,
+    load_scenario,
+    six_tool_session,
+)
 from .server import ControlPlane, EnqueuedSession, write_secret_files
 
 __all__ = [
     "ControlPlane",
     "EnqueuedSession",
     "Expect",
+    "FaultPlan",
+    "FaultRule",
     "Scenario",
     "ScriptedSession",
     "SkillSpec",

@@ -28,20 +28,36 @@ TERMINAL_EVENTS = ("session.status_terminated", "session.deleted")
 ENV = "/v1/environments/{environment_id}/work"
 
 
-async def _sse(state: ControlPlaneState, session_id: str, index: int) -> AsyncIterator[bytes]:
-    """Live events from `index` on, with ping keep-alives; ends after a terminal event."""
+async def _sse(
+    state: ControlPlaneState, session_id: str, token: str | None, stream: tuple[int, int], drop_after: int | None
+) -> AsyncIterator[bytes]:
+    """Live events from the stream's start index, with ping keep-alives; ends after a terminal event.
+
+    Also ends (without a terminal event, so the runner reconnects) when the session's streams are
+    dropped, after `drop_after` events (an injected fault), or once the caller's sessions token
+    no longer authorizes the session (its item is no longer the current one)."""
+    (index, epoch), sent, dropped = stream, 0, False
     last_ping = monotonic()
-    while not state.closing:
-        generation = state.signal.generation
-        for event in state.events_since(session_id, index):
-            index += 1
-            yield sse_frame(event["type"], event)
-            if event["type"] in TERMINAL_EVENTS:
+    try:
+        while not state.closing:
+            generation = state.signal.generation
+            batch, dropped = state.stream_batch(token, session_id, epoch, index)
+            if batch is None:
                 return
-        if monotonic() - last_ping >= PING_SECONDS:
-            last_ping = monotonic()
-            yield sse_frame("ping", {"type": "ping"})
-        await state.signal.wait(generation, STREAM_SLICE_SECONDS)
+            for event in batch:
+                if drop_after is not None and sent >= drop_after:
+                    dropped = True
+                    return
+                index, sent = index + 1, sent + 1
+                yield sse_frame(event["type"], event)
+                if event["type"] in TERMINAL_EVENTS:
+                    return
+            if monotonic() - last_ping >= PING_SECONDS:
+                last_ping = monotonic()
+                yield sse_frame("ping", {"type": "ping"})
+            await state.signal.wait(generation, STREAM_SLICE_SECONDS)
+    finally:
+        state.stream_closed(session_id, dropped)
 
 
 def _encode_cursor(offset: int) -> str:
@@ -102,7 +118,9 @@ class _Handlers:
 
     async def stop(self, request: Request) -> Response:
         params, force = request.path_params, (await json_body(request)).get("force") is True
-        return JSONResponse(self.state.stop(credential(request), params["environment_id"], params["work_id"], force))
+        helper = request.headers.get("x-stainless-helper")
+        body = self.state.stop(credential(request), params["environment_id"], params["work_id"], force, helper)
+        return JSONResponse(body)
 
     async def stats(self, request: Request) -> Response:
         return JSONResponse(self.state.stats(credential(request), request.path_params["environment_id"]))
@@ -111,10 +129,12 @@ class _Handlers:
         return JSONResponse(self.state.get_session(credential(request), request.path_params["session_id"]))
 
     async def stream(self, request: Request) -> Response:
-        session_id = request.path_params["session_id"]
-        start = self.state.open_stream(credential(request), session_id)
+        session_id, token = request.path_params["session_id"], credential(request)
+        stream = self.state.open_stream(token, session_id)
+        rule = self.state.faults.pick("stream", ("drop",))
+        drop_after = rule.after_events if rule is not None and rule.kind == "drop" else None
         return StreamingResponse(
-            _sse(self.state, session_id, start),
+            _sse(self.state, session_id, token, stream, drop_after),
             media_type="text/event-stream",
             headers={"cache-control": "no-cache"},
         )

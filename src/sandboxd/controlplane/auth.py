@@ -1,8 +1,11 @@
 """Credentials of the local control plane.
 
-Owns the key ring (environment key, API key, one sessions token per session)
+Owns the key ring (environment key, API key, one sessions token per work item)
 and the per-route rules: which Bearer credential a route accepts, and whether
-a refusal is 401 (unknown credential) or 403 (known, but not for this).
+a refusal is 401 (unknown or expired credential) or 403 (known, but not for
+this). A sessions token is scoped to its work item (the SDK: "a short-lived
+payload scoped to this work item"): it authorizes that item's heartbeat and
+stop, and the session's routes only while that item is the session's current one.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ CredentialKind = Literal["environment_key", "api_key", "sessions_token"]
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request: the kind of credential, and for a sessions token its session."""
+    """Who sent a request: the kind of credential, and for a sessions token its session and item."""
 
     kind: CredentialKind
     session_id: str | None = None
+    work_id: str | None = None
 
 
 def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str | None:
@@ -39,12 +43,12 @@ class KeyRing:
     def __init__(self, environment_key: str, api_key: str) -> None:
         self._environment_key = environment_key
         self._api_key = api_key
-        self._tokens: dict[str, str] = {}
+        self._tokens: dict[str, tuple[str, str]] = {}
 
-    def new_sessions_token(self, session_id: str) -> str:
-        """Mint and register the sessions token of `session_id`."""
+    def new_sessions_token(self, session_id: str, work_id: str) -> str:
+        """Mint and register the sessions token of work item `work_id` of `session_id`."""
         token = f"sk-ant-sess-local-{secrets.token_hex(16)}"
-        self._tokens[token] = session_id
+        self._tokens[token] = (session_id, work_id)
         return token
 
     def identify(self, token: str | None) -> Caller:
@@ -55,9 +59,9 @@ class KeyRing:
             return Caller("environment_key")
         if secrets.compare_digest(token, self._api_key):
             return Caller("api_key")
-        session_id = self._tokens.get(token)
-        if session_id is not None:
-            return Caller("sessions_token", session_id)
+        grant = self._tokens.get(token)
+        if grant is not None:
+            return Caller("sessions_token", *grant)
         raise ApiError(401, "invalid credential")
 
     def require_environment_key(self, token: str | None) -> Caller:
@@ -73,11 +77,22 @@ class KeyRing:
             raise ApiError(403, f"this endpoint requires an API key, not the {caller.kind.replace('_', ' ')}")
         return caller
 
-    def require_session(self, token: str | None, session_id: str | None) -> Caller:
-        """Per-item and session routes: the environment key or `session_id`'s own sessions token."""
+    def require_session(self, token: str | None, session_id: str | None, current_work_id: str | None) -> Caller:
+        """Session routes: the environment key, or the sessions token of the session's current item.
+
+        A token of an earlier item of the same session has expired (401); any other is 403."""
         caller = self.identify(token)
         if caller.kind == "environment_key":
             return caller
         if caller.kind == "sessions_token" and session_id is not None and caller.session_id == session_id:
+            if caller.work_id == current_work_id:
+                return caller
+            raise ApiError(401, f"the sessions token has expired: its work item is not {session_id}'s current one")
+        raise ApiError(403, f"the {caller.kind.replace('_', ' ')} does not grant access to this resource")
+
+    def require_item(self, token: str | None, work_id: str) -> Caller:
+        """Per-item routes (heartbeat, stop): the environment key or this item's own sessions token."""
+        caller = self.identify(token)
+        if caller.kind == "environment_key" or (caller.kind == "sessions_token" and caller.work_id == work_id):
             return caller
         raise ApiError(403, f"the {caller.kind.replace('_', ' ')} does not grant access to this resource")

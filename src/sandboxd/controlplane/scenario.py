@@ -1,8 +1,9 @@
 """Scenario types for the local control plane (pydantic, loadable from JSON).
 
 Owns what a run is scripted with: the environment and its keys, lease and
-reclaim timings, and the scripted sessions (tool steps with expectations, how
-the session ends, its secret and skills). Also builds the six-tool demo session.
+reclaim timings, the scripted sessions (turns of tool steps with expectations,
+how the session ends, its secret and skills) and the fault plan (seeded API
+errors, delays and dropped streams). Also builds the six-tool demo session.
 No HTTP and no mutable run state here.
 """
 
@@ -12,11 +13,16 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SessionEnd = Literal["terminate", "idle"]
 SecretMode = Literal["token", "none", "garbage"]
 SessionStatus = Literal["running", "idle", "terminated"]
+FaultRoute = Literal[
+    "poll", "ack", "heartbeat", "stop", "stats", "session", "stream", "events_list", "events_send",
+    "skill_version", "skill_content",
+]
+FaultKind = Literal["error", "delay", "drop"]
 
 
 def _environment_key() -> str:
@@ -65,7 +71,14 @@ class SkillSpec(BaseModel):
 
 
 class ScriptedSession(BaseModel):
-    """A session whose agent emits `steps` one at a time, then ends per `end`."""
+    """A session whose agent emits its tool steps one at a time, turn by turn, then ends per `end`.
+
+    `steps` is a one-turn script; `turns` a multi-turn one (give one or the other). Each turn is
+    served by its own work item: once a finished turn's item is stopped, the user "speaks again",
+    the next turn's tool uses are emitted and a new item (with a new sessions token) is queued.
+    `terminate_after_results=n` terminates the session right after emitting the tool use that
+    follows the n-th result, so it ends with that call still pending.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -73,11 +86,58 @@ class ScriptedSession(BaseModel):
     title: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
     steps: list[ToolStep] = Field(default_factory=list)
+    turns: list[list[ToolStep]] = Field(default_factory=list)
     end: SessionEnd = "terminate"
     secret: SecretMode = "token"
     skills: list[SkillSpec] = Field(default_factory=list)
     heartbeat_status: int | None = Field(default=None, ge=400, le=599)
     status: SessionStatus = "running"
+    terminate_after_results: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_or_turns(self) -> ScriptedSession:
+        if self.steps and self.turns:
+            raise ValueError("give `steps` (one turn) or `turns`, not both")
+        return self
+
+    @property
+    def script(self) -> list[list[ToolStep]]:
+        """Every turn's steps; a `steps` session is one turn."""
+        return [list(t) for t in self.turns] if self.turns else [list(self.steps)]
+
+
+class FaultRule(BaseModel):
+    """Inject a fault into a fraction `rate` of one route's requests.
+
+    `error`: answer `status` before the request is applied. `delay`: hold the request
+    `delay_seconds` first (a caller that gave up meanwhile is not applied, as if the request
+    never arrived). `drop` (route `stream` only): end the event stream, without a terminal
+    event, after `after_events` live events.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    route: FaultRoute
+    kind: FaultKind = "error"
+    rate: float = Field(ge=0.0, le=1.0)
+    status: int = Field(default=503, ge=400, le=599)
+    delay_seconds: float = Field(default=1.0, ge=0.0, le=600.0)
+    after_events: int = Field(default=1, ge=0)
+
+    @model_validator(mode="after")
+    def _drop_is_for_streams(self) -> FaultRule:
+        if self.kind == "drop" and self.route != "stream":
+            raise ValueError("kind `drop` applies to route `stream` only")
+        return self
+
+
+class FaultPlan(BaseModel):
+    """The seeded fault rules; a request's fate depends only on (seed, rule, route, request number)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    rules: list[FaultRule] = Field(default_factory=list)
 
 
 class Scenario(BaseModel):
@@ -92,6 +152,7 @@ class Scenario(BaseModel):
     reclaim_older_than_ms: int = Field(default=5000, ge=1)
     sessions: list[ScriptedSession] = Field(default_factory=list)
     healthchecks: int = Field(default=0, ge=0)
+    faults: FaultPlan = Field(default_factory=FaultPlan)
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -2,7 +2,8 @@
 
 Owns `ControlPlane`: uvicorn serving the app on 127.0.0.1 (port 0 = any free
 port) in a background thread, with thread-safe inspection and scripting
-(`state_snapshot`, `add_session`, `set_outage`, ...), and `write_secret_files`,
+(`state_snapshot`, `add_session`, `set_outage`, `set_faults`, `revoke_lease`,
+...), and `write_secret_files`,
 which hands the daemon its environment key and API key as 0600 files.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import uvicorn
 
 from .app import build_app
-from .scenario import Scenario, ScriptedSession
+from .scenario import FaultPlan, Scenario, ScriptedSession
 from .state import ControlPlaneState, OutageMode
 
 SECRET_FILE_NAMES = ("environment_key", "api_key")
@@ -141,6 +142,22 @@ class ControlPlane:
     def request_stop(self, work_id: str) -> dict[str, Any]:
         """Make a held work item `stopping`; its holder learns on the next heartbeat."""
         return self.state.request_stop(work_id)
+
+    def revoke_lease(self, work_id: str) -> dict[str, Any]:
+        """Take a held item's lease away: it is queued again, its holder's next heartbeat is 412."""
+        return self.state.revoke_lease(work_id)
+
+    def terminate_session(self, session_id: str) -> dict[str, Any]:
+        """Terminate a session now, with tool calls pending or not."""
+        return self.state.terminate_session(session_id)
+
+    def drop_streams(self, session_id: str) -> int:
+        """End the session's open event streams (the runner reconnects); returns how many."""
+        return self.state.drop_streams(session_id)
+
+    def set_faults(self, plan: FaultPlan | dict[str, Any]) -> dict[str, Any]:
+        """Replace the fault plan (`{}` turns rate-based faults off); returns the faults snapshot."""
+        return self.state.set_faults(plan if isinstance(plan, FaultPlan) else FaultPlan.model_validate(plan))
 
     def write_secret_files(self, directory: str | Path) -> dict[str, Path]:
         """See the module-level `write_secret_files`."""

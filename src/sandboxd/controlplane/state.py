@@ -1,9 +1,11 @@
 """The in-memory model of the local control plane (no HTTP).
 
-Owns `ControlPlaneState`: the key ring, work queue and sessions behind one
-lock, so the routes (on the server's event loop) and tests (on any thread)
-see a consistent model. Every API operation authenticates, applies lazy
-lease expiry, mutates, and wakes waiters; `snapshot()` is `/_cp/state`.
+Owns `ControlPlaneState`: the key ring, work queue, sessions and fault
+injector behind one lock, so the routes (on the server's event loop) and
+tests (on any thread) see a consistent model. Every API operation
+authenticates, applies lazy lease expiry, mutates, and wakes waiters; a
+stopped item whose turn ended queues the session's next turn (a new item
+with a new sessions token); `snapshot()` is `/_cp/state`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Literal
 from .auth import Caller, KeyRing
 from .clock import monotonic, now_rfc3339
 from .errors import ApiError
-from .scenario import Scenario, ScriptedSession, SkillSpec
+from .faults import FaultInjector
+from .scenario import FaultPlan, Scenario, ScriptedSession, SkillSpec
 from .sessions import SessionRecord
 from .skills import find_skill, skill_zip, version_json
 from .wakeup import ChangeSignal
@@ -46,6 +49,7 @@ class ControlPlaneState:
         self._sessions: dict[str, SessionRecord] = {}
         self._workers: dict[str, float] = {}
         self._requests: Counter[str] = Counter()
+        self.faults = FaultInjector(scenario.faults)
         for spec in scenario.sessions:
             self.add_session(spec)
         for _ in range(scenario.healthchecks):
@@ -58,24 +62,25 @@ class ControlPlaneState:
         with self._lock:
             if spec.session_id in self._sessions:
                 raise ApiError(409, f"session {spec.session_id} already exists")
-            token = self._keys.new_sessions_token(spec.session_id)
-            secret = {
-                "token": encode_secret({"sessions_token": token}),
-                "none": None,
-                "garbage": base64.urlsafe_b64encode(b"not json {").decode(),
-            }[spec.secret]
             record = SessionRecord(spec=spec, environment_id=self.scenario.environment_id, status=spec.status)
-            item = self._queue.enqueue(
-                "session",
-                spec.session_id,
-                secret=secret,
-                session_id=spec.session_id,
-                heartbeat_status=spec.heartbeat_status,
-            )
-            record.work_id = item.id
+            item = self._new_item(spec)
+            record.turn.work_id = item.id
             self._sessions[spec.session_id] = record
         self.signal.notify()
         return spec.session_id, item.id
+
+    def _new_item(self, spec: ScriptedSession) -> WorkItem:
+        """Queue a work item for `spec`'s session, with a sessions token of its own in the secret."""
+        item = self._queue.enqueue(
+            "session", spec.session_id, secret=None, session_id=spec.session_id, heartbeat_status=spec.heartbeat_status
+        )
+        token = self._keys.new_sessions_token(spec.session_id, item.id)
+        item.secret = {
+            "token": encode_secret({"sessions_token": token}),
+            "none": None,
+            "garbage": base64.urlsafe_b64encode(b"not json {").decode(),
+        }[spec.secret]
+        return item
 
     def add_healthcheck(self) -> str:
         """Enqueue a `healthcheck` work item; returns its work_id."""
@@ -102,6 +107,40 @@ class ControlPlaneState:
         self.signal.notify()
         return body
 
+    def revoke_lease(self, work_id: str) -> dict[str, Any]:
+        """Take a held item's lease away (back to the queue): its holder's next heartbeat is 412."""
+        with self._lock:
+            self._tick()
+            item = self._queue.revoke_lease(self._queue.get(work_id))
+            self.faults.count("lease_revoked")
+            body = item.to_json(self.scenario.environment_id)
+        self.signal.notify()
+        return body
+
+    def terminate_session(self, session_id: str) -> dict[str, Any]:
+        """Terminate a session now, tool calls pending or not (its worker's runner stops at once)."""
+        with self._lock:
+            record = self._session(session_id)
+            if record.terminate("admin"):
+                self.faults.count("session_terminated")
+            body = record.snapshot()
+        self.signal.notify()
+        return body
+
+    def drop_streams(self, session_id: str) -> int:
+        """End the session's open event streams mid-session; returns how many were open."""
+        with self._lock:
+            dropped = self._session(session_id).drop_streams()
+            if dropped:
+                self.faults.count("stream_dropped")
+        self.signal.notify()
+        return dropped
+
+    def set_faults(self, plan: FaultPlan) -> dict[str, Any]:
+        """Replace the fault plan (an empty plan turns rate-based faults off); counters are kept."""
+        self.faults.set_plan(plan)
+        return self.faults.snapshot()
+
     def close(self) -> None:
         """Release hanging requests and end open streams (server shutdown)."""
         self.closing, self.outage = True, "off"
@@ -115,8 +154,19 @@ class ControlPlaneState:
 
     def _tick(self) -> None:
         """Lazy timers: re-queue expired leases (called under the lock by every operation)."""
-        if self._queue.expire_leases(monotonic()):
+        changed, stopped = self._queue.expire_leases(monotonic())
+        for item in stopped:
+            self._after_stop(item)
+        if changed:
             self.signal.notify()
+
+    def _after_stop(self, item: WorkItem) -> None:
+        """A stopped item whose turn ended lets the user speak again: the next turn gets a new item.
+
+        An item stopped mid-turn (tool calls pending) ends its session's script there."""
+        record = self._sessions.get(item.session_id) if item.session_id else None
+        if record is not None and record.work_id == item.id and record.next_turn_due:
+            record.advance(self._new_item(record.spec).id)
 
     def _check_environment(self, environment_id: str) -> None:
         if environment_id != self.scenario.environment_id:
@@ -131,7 +181,7 @@ class ControlPlaneState:
     def _session_access(self, token: str | None, session_id: str, route: str) -> SessionRecord:
         self._keys.identify(token)  # 401 before 404
         record = self._session(session_id)
-        caller = self._keys.require_session(token, session_id)
+        caller = self._keys.require_session(token, session_id, record.work_id)
         record.note_credential(route, caller.kind)
         return record
 
@@ -139,7 +189,7 @@ class ControlPlaneState:
         self._keys.identify(token)
         self._check_environment(environment_id)
         item = self._queue.get(work_id)
-        return item, self._keys.require_session(token, item.session_id)
+        return item, self._keys.require_item(token, work_id)
 
     def _workers_polling(self) -> list[str]:
         now = monotonic()
@@ -174,11 +224,14 @@ class ControlPlaneState:
             self._tick()
             return self._queue.heartbeat(item, expected, caller.kind)
 
-    def stop(self, token: str | None, environment_id: str, work_id: str, force: bool) -> dict[str, Any]:
+    def stop(
+        self, token: str | None, environment_id: str, work_id: str, force: bool, helper: str | None = None
+    ) -> dict[str, Any]:
         with self._lock:
             item, caller = self._item_access(token, environment_id, work_id)
             self._tick()
-            body = self._queue.stop(item, caller.kind, force).to_json(environment_id)
+            body = self._queue.stop(item, caller.kind, force, helper).to_json(environment_id)
+            self._after_stop(item)
         self.signal.notify()
         return body
 
@@ -195,14 +248,42 @@ class ControlPlaneState:
         with self._lock:
             return self._session_access(token, session_id, "session").to_json()
 
-    def open_stream(self, token: str | None, session_id: str) -> int:
-        """Authorise a stream; start the script if needed. Returns the index of the first live event."""
+    def open_stream(self, token: str | None, session_id: str) -> tuple[int, int]:
+        """Authorise a stream; start the script if needed.
+
+        Returns the index of the first event to send and the session's stream epoch. A stream
+        streams live events only, but one opened on an ended session starts with its terminal
+        event: the runner stops on a terminal event from the stream, never from the history, so
+        a stream cut just before the termination would otherwise leave it waiting forever."""
         with self._lock:
             record = self._session_access(token, session_id, "stream")
-            start = len(record.events)
+            start = record.terminal_index() if record.status == "terminated" else len(record.events)
+            record.streams_open += 1
             record.start()
         self.signal.notify()
-        return start
+        return start, record.stream_epoch
+
+    def stream_batch(
+        self, token: str | None, session_id: str, epoch: int, index: int
+    ) -> tuple[list[dict[str, Any]] | None, bool]:
+        """The events from `index` on for an open stream, or None when it must end; and whether
+        it ends because it was dropped (the session's stream epoch moved on)."""
+        with self._lock:
+            record = self._session(session_id)
+            if record.stream_epoch != epoch:
+                return None, True
+            try:
+                self._keys.require_session(token, session_id, record.work_id)
+            except ApiError:  # its work item is no longer the current one: the token has expired
+                return None, False
+            return [dict(e) for e in record.events[index:]], False
+
+    def stream_closed(self, session_id: str, dropped: bool) -> None:
+        with self._lock:
+            record = self._session(session_id)
+            record.streams_open -= 1
+            if dropped:
+                record.streams_dropped += 1
 
     def events_since(self, session_id: str, index: int) -> list[dict[str, Any]]:
         with self._lock:
@@ -246,11 +327,21 @@ class ControlPlaneState:
 
         `work`: {work_id: `WorkItem.snapshot()`} — id, session_id, type, state, last_heartbeat,
         polls, claims (acks), heartbeats (successful), heartbeat_412s, heartbeat_errors (scripted
-        statuses), lease_expiries, heartbeat_credentials, stops [{credential, force}], stop_conflicts.
-        `sessions`: {session_id: `SessionRecord.snapshot()`} — work_id, status, steps, results
-        [{tool_use_id, name, is_error, text, passed, reason}], duplicates, done, passed, events,
-        credentials_seen {route: [kind]}. Plus `stats` (as the stats endpoint), `workers_polling`
-        (ids seen in the last 30 s), `requests` ({route: count} of /v1 calls), `outage`, timings.
+        statuses), lease_expiries, lease_revocations, heartbeat_credentials, stops [{credential,
+        force}] (the one stop that took effect), stop_conflicts (409s), stop_log [{by, helper,
+        force, result: stopped|conflict, at}] (every stop call, and a lease expiry that ended a
+        `stopping` item, by "lease_expiry") and times_stopped (its length).
+        `sessions`: {session_id: `SessionRecord.snapshot()`} — work_id (current turn's item),
+        work_ids (one per turn served so far), status, steps (all turns), results [{tool_use_id,
+        name, is_error, text, passed, reason}] (all turns), duplicates, done (every result of every
+        turn arrived), passed, turn (current, from 1), turns [{turn, work_id, steps, results, done,
+        passed}], terminated_by (null, "scenario", "admin"), pending_tool_uses, late_results
+        (results posted after a termination, not counted), streams_dropped,
+        events, credentials_seen {route: [kind]}.
+        `faults`: {plan, injected: {"route.kind" or one-shot name: count}}. `stop_summary`: {items,
+        stopped_once, stopped_more: [work_id], not_stopped: [work_id]}. Plus `stats` (as the stats
+        endpoint), `workers_polling` (ids seen in the last 30 s), `requests` ({route: count} of /v1
+        calls), `outage`, timings.
         """
         with self._lock:
             self._tick()
@@ -265,4 +356,6 @@ class ControlPlaneState:
                 "stats": self._queue.stats(len(workers)),
                 "workers_polling": workers,
                 "requests": dict(sorted(self._requests.items())),
+                "faults": self.faults.snapshot(),
+                "stop_summary": self._queue.stop_summary(),
             }

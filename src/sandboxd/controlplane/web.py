@@ -1,7 +1,7 @@
 """HTTP plumbing shared by the control plane's routes.
 
-Owns the per-route wrapper (request counting, simulated outages, the
-`anthropic-beta` check, `ApiError` → JSON error response), request parsing
+Owns the per-route wrapper (request counting, simulated outages, injected
+faults, the `anthropic-beta` check, `ApiError` → JSON error response), request parsing
 helpers (Bearer credential, bounded int query params, JSON bodies) and the
 SSE frame format.
 """
@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .auth import bearer_token
+from .clock import monotonic
 from .errors import ApiError
 from .state import ControlPlaneState
 
@@ -78,14 +79,31 @@ async def _outage_gate(state: ControlPlaneState) -> None:
         raise ApiError(503, "simulated outage")
 
 
+async def _fault_gate(state: ControlPlaneState, route: str, request: Request) -> None:
+    """Apply an injected `error` or `delay` to this request, before it touches the state."""
+    rule = state.faults.pick(route, ("error", "delay"))
+    if rule is None:
+        return
+    if rule.kind == "error":
+        raise ApiError(rule.status, f"injected fault: {route} answered {rule.status}")
+    await request.body()  # read first: checking for a disconnect would otherwise consume it
+    deadline = monotonic() + rule.delay_seconds
+    while not state.closing and monotonic() < deadline:
+        generation = state.signal.generation
+        await state.signal.wait(generation, min(0.25, max(0.0, deadline - monotonic())))
+    if await request.is_disconnected():  # the caller gave up: as if the request never arrived
+        raise ApiError(503, f"injected fault: {route} delayed past the caller's timeout")
+
+
 def endpoint(state: ControlPlaneState, route: str, *, beta: bool = True) -> Callable[[Handler], Handler]:
-    """Wrap a `/v1` handler: count it, apply the outage mode, check the beta header, render errors."""
+    """Wrap a `/v1` handler: count it, apply the outage mode and faults, check the beta header, render errors."""
 
     def wrap(handler: Handler) -> Handler:
         async def run(request: Request) -> Response:
             state.count_request(route)
             try:
                 await _outage_gate(state)
+                await _fault_gate(state, route, request)
                 betas = {b.strip() for b in request.headers.get("anthropic-beta", "").split(",")}
                 if beta and MANAGED_AGENTS_BETA not in betas:
                     raise ApiError(400, f"this endpoint requires the anthropic-beta header {MANAGED_AGENTS_BETA}")

@@ -3,7 +3,9 @@
 Owns the work items and their lifecycle: queued → (polled, "pending") →
 starting (ack) → active (heartbeat) → stopping/stopped, the lease clock, the
 reclaim of polled-but-unacked items, lease expiry back to the queue, the
-heartbeat optimistic concurrency (412 body) and the queue stats.
+heartbeat optimistic concurrency (412 body), the stop log (every stop call,
+by whom, so "stopped exactly once" is checkable), a revoked lease (the item
+goes back to the queue; its holder's next heartbeat is 412) and the queue stats.
 """
 
 from __future__ import annotations
@@ -51,8 +53,13 @@ class WorkItem:
     heartbeat_errors: int = 0
     lease_expiries: int = 0
     stop_conflicts: int = 0
+    lease_revocations: int = 0
     stops: list[dict[str, Any]] = field(default_factory=list)
+    stop_log: list[dict[str, Any]] = field(default_factory=list)
     heartbeat_credentials: set[str] = field(default_factory=set)
+
+    def log_stop(self, by: str, force: bool, result: str, helper: str | None = None) -> None:
+        self.stop_log.append({"by": by, "helper": helper, "force": force, "result": result, "at": now_rfc3339()})
 
     def to_json(self, environment_id: str, *, with_secret: bool = False) -> dict[str, Any]:
         """The `BetaSelfHostedWork` object; only the poll response carries `secret`."""
@@ -87,8 +94,11 @@ class WorkItem:
             "heartbeat_errors": self.heartbeat_errors,
             "lease_expiries": self.lease_expiries,
             "heartbeat_credentials": sorted(self.heartbeat_credentials),
+            "lease_revocations": self.lease_revocations,
             "stops": [dict(s) for s in self.stops],
             "stop_conflicts": self.stop_conflicts,
+            "stop_log": [dict(s) for s in self.stop_log],
+            "times_stopped": len(self.stop_log),
         }
 
     def lease_state(self, ttl: int) -> dict[str, Any]:
@@ -143,21 +153,34 @@ class WorkQueue:
         window = (reclaim_ms if reclaim_ms is not None else self.reclaim_older_than_ms) / 1000
         return now - item.polled_mono < window
 
-    def expire_leases(self, now: float) -> bool:
-        """Re-queue held items whose lease deadline passed; True if any changed."""
-        changed = False
+    def expire_leases(self, now: float) -> tuple[bool, list[WorkItem]]:
+        """Re-queue held items whose lease deadline passed (a `stopping` one becomes stopped).
+
+        Returns whether anything changed, and the items this stopped."""
+        changed, stopped = False, []
         for item in self.items.values():
             if item.state in HELD_STATES and item.lease_deadline is not None and now > item.lease_deadline:
                 item.lease_expiries += 1
                 if item.state == "stopping":
-                    item.state, item.stopped_at = "stopped", now_rfc3339()
+                    item.state, item.stopped_at, item.lease_deadline = "stopped", now_rfc3339(), None
+                    item.log_stop("lease_expiry", False, "stopped")
+                    stopped.append(item)
                 else:
                     self._requeue(item)
                 changed = True
-        return changed
+        return changed, stopped
+
+    def revoke_lease(self, item: WorkItem) -> WorkItem:
+        """Take a held item's lease away: it is queued again, and its holder's next heartbeat is 412."""
+        if item.state not in ("starting", "active"):
+            raise ApiError(409, f"work item {item.id} is {item.state}, not starting or active")
+        item.lease_revocations += 1
+        self._requeue(item)
+        return item
 
     def _requeue(self, item: WorkItem) -> None:
-        item.state, item.queued_at, item.queued_order = "queued", now_rfc3339(), next(_sequence)
+        """Back to the queue, keeping its place: the oldest work is handed out first."""
+        item.state, item.queued_at = "queued", now_rfc3339()
         item.last_heartbeat = item.lease_deadline = item.polled_mono = None
         item.acknowledged_at = item.started_at = item.latest_heartbeat_at = None
 
@@ -214,16 +237,21 @@ class WorkQueue:
             "ttl_seconds": ttl,
         }
 
-    def stop(self, item: WorkItem, credential: str, force: bool) -> WorkItem:
-        """Stop the item (any state but stopped); a second stop is 409, never retried."""
+    def stop(self, item: WorkItem, credential: str, force: bool, helper: str | None = None) -> WorkItem:
+        """Stop the item (any state but stopped); a second stop is 409, never retried.
+
+        Both land in `stop_log`, `by` the credential kind; `helper` is the SDK's
+        `x-stainless-helper` (`environments-worker` for a worker's stop, none for a direct call)."""
         if item.state == "stopped":
             item.stop_conflicts += 1
+            item.log_stop(credential, force, "conflict", helper)
             raise ApiError(409, f"work item {item.id} is already stopped", headers={"x-should-retry": "false"})
         stamp = now_rfc3339()
         item.state, item.stopped_at = "stopped", stamp
         item.stop_requested_at = item.stop_requested_at or stamp
         item.lease_deadline = item.polled_mono = None
         item.stops.append({"credential": credential, "force": force})
+        item.log_stop(credential, force, "stopped", helper)
         return item
 
     def request_stop(self, item: WorkItem) -> WorkItem:
@@ -232,6 +260,16 @@ class WorkQueue:
             raise ApiError(409, f"work item {item.id} is {item.state}, not held")
         item.state, item.stop_requested_at = "stopping", now_rfc3339()
         return item
+
+    def stop_summary(self) -> dict[str, Any]:
+        """How often each item was stopped: once, more than once (409s after the stop), not yet."""
+        counts = {i.id: len(i.stop_log) for i in self.items.values()}
+        return {
+            "items": len(counts),
+            "stopped_once": sum(1 for n in counts.values() if n == 1),
+            "stopped_more": sorted(w for w, n in counts.items() if n > 1),
+            "not_stopped": sorted(i.id for i in self.items.values() if i.state != "stopped"),
+        }
 
     def stats(self, workers_polling: int) -> dict[str, Any]:
         """`work_queue_stats`: depth = queued and visible to a poll; pending = polled, not acked."""
