@@ -348,19 +348,25 @@ class DockerBackend:
             return [f"(logs unavailable: {exc})"]
         return bytes(raw).decode("utf-8", "replace").splitlines()
 
-    async def remove(self, sandbox: Sandbox) -> None:
-        """Remove the container, its workspace and its record; idempotent, never raises for 'already gone'."""
+    async def remove(self, sandbox: Sandbox) -> bool:
+        """Remove the container, its workspace and its record; idempotent ('already gone' is done).
+
+        False when the engine could not be asked (it is down): the caller tries again later.
+        """
         await self.close_stdin(sandbox)
         # By label, never by name alone (a foreign container may hold the name), and also when the
         # create call was interrupted before it returned an id.
-        ids = {sandbox.container_id} - {""} | set(await self._labelled("containers", sandbox.name))
-        for container_id in ids:
-            await self._quietly(self._client.api.remove_container, container_id, force=True, v=True)
-        for volume in await self._labelled("volumes", sandbox.name):
-            await self._quietly(self._client.api.remove_volume, volume, force=True)
+        try:
+            ids = {sandbox.container_id} - {""} | set(await self._labelled("containers", sandbox.name, strict=True))
+            done = [await self._quietly(self._client.api.remove_container, c, force=True, v=True) for c in ids]
+            volumes = await self._labelled("volumes", sandbox.name, strict=True)
+        except _ENGINE_ERRORS:
+            return False
+        done += [await self._quietly(self._client.api.remove_volume, volume, force=True) for volume in volumes]
+        return all(done)
 
-    async def _labelled(self, kind: str, sandbox: str) -> list[str]:
-        """Ids of this instance's containers, or names of its volumes, of one sandbox."""
+    async def _labelled(self, kind: str, sandbox: str, *, strict: bool = False) -> list[str]:
+        """Ids of this instance's containers, or names of its volumes, of one sandbox (strict: raise)."""
         labels = [f"{LABEL_MANAGED}=true", f"{LABEL_INSTANCE}={self.spec.instance}", f"{LABEL_SANDBOX}={sandbox}"]
         try:
             if kind == "containers":
@@ -370,9 +376,12 @@ class DockerBackend:
             return [str(v["Name"]) for v in (listing or {}).get("Volumes") or []]
         except _ENGINE_ERRORS as exc:
             log.warning("docker_list_failed kind=%s error=%s", kind, exc)
+            if strict:
+                raise
             return []
 
-    async def _quietly(self, fn: Callable[..., object], *args: object, **kwargs: object) -> None:
+    async def _quietly(self, fn: Callable[..., object], *args: object, **kwargs: object) -> bool:
+        """Call the engine; True when done or nothing to do (404, 409), False when it failed."""
         try:
             await self._call(fn, *args, **kwargs)
         except docker.errors.NotFound:
@@ -380,8 +389,11 @@ class DockerBackend:
         except docker.errors.APIError as exc:
             if exc.status_code not in (404, 409):
                 log.warning("docker_call_failed call=%s error=%s", getattr(fn, "__name__", fn), exc)
+                return False
         except _ENGINE_ERRORS as exc:
             log.warning("docker_call_failed call=%s error=%s", getattr(fn, "__name__", fn), exc)
+            return False
+        return True
 
     async def owned(self) -> list[Found]:
         """This instance's sandboxes on the engine (left by an earlier run), with their records."""

@@ -193,6 +193,7 @@ class Daemon:
             while True:
                 await self._slots.acquire()
                 try:
+                    await self._engine_answers()
                     item = await anext(claims)
                 except BaseException:
                     self._slots.release()
@@ -209,6 +210,19 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True):
                 await claims.aclose()  # type: ignore[attr-defined]
+
+    async def _engine_answers(self) -> None:
+        """Claim nothing while the engine is down (a dockerd restart): each claim would fail its launch."""
+        if await self._backend.ping():
+            return
+        self._health.engine_ok = False
+        log.warning("engine_unavailable; not claiming until it answers")
+        answered = False
+        while not answered:
+            await anyio.sleep(2)
+            answered = await self._backend.ping()
+        self._health.engine_ok = True
+        log.info("engine_available; claiming again")
 
     async def _serve(self, item: BetaSelfHostedWork) -> None:
         try:

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REMOVAL_RETRY_SECONDS = 5.0
+
 
 @dataclass(frozen=True)
 class LifecycleLimits:
@@ -116,6 +118,7 @@ class Lifecycle:
         self.limits = limits
         self._metrics = metrics
         self._tracked: dict[str, Tracked] = {}
+        self._unremoved: dict[str, Sandbox] = {}
         self._tg: anyio.abc.TaskGroup | None = None
         self.on_stalled: Callable[[int], None] = lambda count: None
         self.pool: WarmPool | None = None
@@ -136,6 +139,7 @@ class Lifecycle:
             self._tg = tg
             tg.start_soon(self._watch_disk, name="disk watch")
             tg.start_soon(self._watch_stalls, name="stall watch")
+            tg.start_soon(self._retry_removals, name="removal retries")
             task_status.started()
             await anyio.sleep_forever()
 
@@ -191,9 +195,21 @@ class Lifecycle:
         await self.remove(tracked)
 
     async def remove(self, tracked: Tracked) -> None:
+        """Remove a sandbox; while the engine cannot be reached it is retried in the background."""
         with anyio.CancelScope(shield=True):
-            await self.backend.remove(tracked.sandbox)
+            if not await self.backend.remove(tracked.sandbox):
+                log.warning("sandbox_removal_deferred container=%s; retrying", tracked.sandbox.name)
+                self._unremoved[tracked.sandbox.name] = tracked.sandbox
         self._tracked.pop(tracked.sandbox.name, None)
+
+    async def _retry_removals(self) -> None:
+        """Removals that failed while the engine was down (a restart of dockerd) are done once it is back."""
+        while True:
+            await anyio.sleep(REMOVAL_RETRY_SECONDS)
+            for name, sandbox in list(self._unremoved.items()):
+                if await self.backend.remove(sandbox):
+                    log.info("sandbox_removed_late container=%s", name)
+                    del self._unremoved[name]
 
     def forget(self, tracked: Tracked) -> None:
         """Stop accounting for a sandbox left running for the next daemon."""

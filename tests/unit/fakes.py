@@ -154,6 +154,7 @@ class FakeBackend:
     stopped: list[str] = field(default_factory=list)
     put: list[str] = field(default_factory=list)
     disk: dict[str, int] = field(default_factory=dict)  # what workspace_bytes answers, by sandbox name
+    engine_down: bool = False  # remove() cannot reach the engine; ping() fails
     found: list[Found] = field(default_factory=list)
     created: list[Sandbox] = field(default_factory=list)
     clock: Callable[[], float] = time.time
@@ -211,7 +212,7 @@ class FakeBackend:
     # --- the backend ----------------------------------------------------------------------------
 
     async def ping(self) -> bool:
-        return True
+        return not self.engine_down
 
     async def image_id(self) -> str:
         await anyio.lowlevel.checkpoint()
@@ -292,14 +293,17 @@ class FakeBackend:
     async def logs_tail(self, sandbox: Sandbox, lines: int) -> list[str]:
         return ["last line"]
 
-    async def remove(self, sandbox: Sandbox) -> None:
+    async def remove(self, sandbox: Sandbox) -> bool:
         await anyio.lowlevel.checkpoint()
+        if self.engine_down:
+            return False
         self.removed.append(self.label(sandbox))
         self._closed.add(sandbox.name)
         if sandbox.name in self._runs:
             self._runs[sandbox.name].exit(REMOVED)
         self._live.discard(sandbox.name)
         self.concurrent = len(self._live)
+        return True
 
     async def owned(self) -> list[Found]:
         return list(self.found)

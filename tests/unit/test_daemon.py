@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import anyio
 import pytest
@@ -421,3 +422,17 @@ async def test_a_cold_sandbox_is_not_counted_as_a_pool_hit_in_the_heartbeat_hist
     cold = metrics.claim_to_first_heartbeat.labels("cold")._sum.get()
     pool = metrics.claim_to_first_heartbeat.labels("pool")._sum.get()
     assert (cold, pool) != (0, 0) and pool == 0, "a cold start observed under source=pool"
+
+
+async def test_nothing_is_claimed_while_the_engine_is_down() -> None:
+    queue = FakeQueue(items=[work_item(1)])
+    backend = FakeBackend(run_seconds=0.05)
+    backend.engine_down = True
+    daemon, metrics = _daemon(queue, backend)
+    queue.running = lambda: daemon._running
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(partial(daemon.run, drain=True))
+        await anyio.sleep(0.5)
+        assert queue.claimed_while == [], "an item was claimed while the engine was down"
+        backend.engine_down = False
+    assert [r.outcome for r in daemon.summary.results] == [Outcome.SUCCEEDED]

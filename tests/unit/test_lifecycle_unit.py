@@ -209,3 +209,17 @@ async def test_stop_and_wait_and_retire() -> None:
         assert backend.stopped == ["work_1"] and tracked.exited.is_set() and lifecycle.assigned() == []
         await lifecycle.retire(tracked, verbose=True)
         assert backend.removed == ["work_1"] and backend.live == set()
+
+
+async def test_a_removal_the_engine_could_not_take_is_retried_until_it_can(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sandboxd.lifecycle.REMOVAL_RETRY_SECONDS", 0.05)
+    backend, metrics = FakeBackend(run_seconds=30), Metrics()
+    async with _running(backend, metrics) as lifecycle:
+        tracked = await lifecycle.acquire()
+        backend.engine_down = True  # dockerd restarting
+        await lifecycle.remove(tracked)
+        assert backend.label(tracked.sandbox) not in backend.removed
+        await anyio.sleep(0.2)
+        assert backend.label(tracked.sandbox) not in backend.removed, "still down: nothing removed yet"
+        backend.engine_down = False
+        await eventually(lambda: backend.label(tracked.sandbox) in backend.removed)
