@@ -31,22 +31,21 @@ from docker.models.containers import Container
 from docker.types import Mount
 
 from .errors import EngineError, LaunchError
-from .settlement import ItemRef
+from .sandbox import (
+    LABEL_CREATED,
+    LABEL_IMAGE_ID,
+    LABEL_INSTANCE,
+    LABEL_MANAGED,
+    LABEL_ROLE,
+    LABEL_SANDBOX,
+    WORKSPACE,
+    AssignmentRecord,
+    Found,
+    Sandbox,
+    parse_float,
+)
 
 log = logging.getLogger(__name__)
-
-LABEL_MANAGED = "io.sandboxd.managed"
-LABEL_INSTANCE = "io.sandboxd.instance"
-LABEL_SANDBOX = "io.sandboxd.sandbox"  # the container's name, on everything that belongs to it
-LABEL_ROLE = "io.sandboxd.role"  # "workspace" or "assignment" on volumes
-LABEL_IMAGE_ID = "io.sandboxd.image-id"
-LABEL_CREATED = "io.sandboxd.created-at"
-LABEL_WORK_ID = "io.sandboxd.work-id"
-LABEL_SESSION_ID = "io.sandboxd.session-id"
-LABEL_ENVIRONMENT_ID = "io.sandboxd.environment-id"
-LABEL_STARTED = "io.sandboxd.started-at"
-LABEL_DEADLINE = "io.sandboxd.deadline"
-WORKSPACE = "/workspace"
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -72,66 +71,6 @@ class SandboxSpec:
     extra_env: Mapping[str, str] = field(default_factory=dict)
     # Host directory -> container path, read-only (the broker's socket directory).
     bind_mounts: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class AssignmentRecord:
-    """What the daemon must know about an assigned sandbox after a restart.
-
-    Kept on the engine, as the labels of a small volume created with the assignment, so it
-    survives the daemon (and its state directory) as long as the sandbox does.
-    """
-
-    item: ItemRef
-    started_at: float  # wall clock: the claim
-    deadline: float  # wall clock: max_session_seconds after the claim
-
-    def labels(self) -> dict[str, str]:
-        return {
-            LABEL_WORK_ID: self.item.work_id,
-            LABEL_SESSION_ID: self.item.session_id,
-            LABEL_ENVIRONMENT_ID: self.item.environment_id,
-            LABEL_STARTED: f"{self.started_at:.3f}",
-            LABEL_DEADLINE: f"{self.deadline:.3f}",
-        }
-
-    @classmethod
-    def from_labels(cls, labels: Mapping[str, str]) -> AssignmentRecord | None:
-        try:
-            item = ItemRef(labels[LABEL_WORK_ID], labels[LABEL_ENVIRONMENT_ID], labels[LABEL_SESSION_ID])
-            return cls(item, float(labels[LABEL_STARTED]), float(labels[LABEL_DEADLINE]))
-        except (KeyError, ValueError):
-            return None
-
-
-@dataclass
-class Sandbox:
-    """One sandbox container with its workspace volume, its open stdin and (once assigned) its record."""
-
-    container_id: str
-    name: str
-    image_id: str = ""
-    created_at: float = 0.0  # wall clock
-    stdin: socket.socket | None = None
-    record: AssignmentRecord | None = None
-
-    @property
-    def volume(self) -> str:
-        return self.name + "-workspace"
-
-    @property
-    def record_volume(self) -> str:
-        return self.name + "-assignment"
-
-
-@dataclass(frozen=True)
-class Found:
-    """A sandbox of this instance found on the engine at start-up."""
-
-    sandbox: Sandbox
-    running: bool
-    exit_status: int
-    oom_killed: bool
 
 
 class DockerBackend:
@@ -413,7 +352,7 @@ class DockerBackend:
             name = labels.get(LABEL_SANDBOX) or info["Names"][0].lstrip("/")
             names.add(name)
             sandbox = Sandbox(info["Id"], name, labels.get(LABEL_IMAGE_ID, ""),
-                              _float(labels.get(LABEL_CREATED)), record=records.get(name))
+                              parse_float(labels.get(LABEL_CREATED)), record=records.get(name))
             running = info.get("State") == "running"
             status, oom = (-1, False) if running else await self._exit_of(info["Id"])
             found.append(Found(sandbox, running, status, oom))
@@ -451,13 +390,6 @@ class DockerBackend:
         return sizes
 
 
-def _float(value: str | None) -> float:
-    try:
-        return float(value or 0)
-    except ValueError:
-        return 0.0
-
-
 def _close_socket(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_WR)
@@ -474,3 +406,6 @@ def _launch_reason(exc: BaseException) -> str:
     if isinstance(exc, docker.errors.APIError) and exc.is_server_error():
         return "engine_error"
     return "create_failed"
+
+
+__all__ = ["AssignmentRecord", "DockerBackend", "Found", "Sandbox", "SandboxSpec"]

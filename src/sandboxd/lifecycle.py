@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.abc
 
-from .containers import DockerBackend, Sandbox
+from .containers import DockerBackend
 from .metrics import Metrics
+from .outcome import Outcome
 from .protocol import Event, parse_event
+from .sandbox import Sandbox
 
 if TYPE_CHECKING:
     from .pool import WarmPool
@@ -87,6 +89,7 @@ class Tracked:
     oom_killed: bool = False
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
     stop_reason: str = ""
+    stop_outcome: Outcome | None = None
     adopted_at: float = 0.0  # wall clock; events before it are replays (no metrics)
     from_pool: bool = False
     workspace_ready: bool = False  # delivered (or adopted): worth keeping for the session's next item
@@ -104,9 +107,10 @@ class Tracked:
             metrics.claim_to_first_heartbeat.labels(source).observe(max(0.0, self.activity.first_heartbeat - at))
             self._claim = None
 
-    def request_stop(self, reason: str) -> None:
+    def request_stop(self, outcome: Outcome, reason: str) -> None:
+        """Ask the session's supervisor to stop this sandbox, ending the session with `outcome`."""
         if not self.stop_requested.is_set():
-            self.stop_reason = reason
+            self.stop_outcome, self.stop_reason = outcome, reason
             self.stop_requested.set()
 
 
@@ -229,7 +233,8 @@ class Lifecycle:
                     log.warning("workspace_over_limit work_id=%s used=%d limit=%d; stopping the session",
                                 tracked.sandbox.record.item.work_id if tracked.sandbox.record else "-", used, limit)
                     self._metrics.disk_limit_stops.inc()
-                    tracked.request_stop(f"/workspace used {used} bytes, over workspace_max_bytes={limit}")
+                    tracked.request_stop(Outcome.DISK_LIMIT,
+                                         f"/workspace used {used} bytes, over workspace_max_bytes={limit}")
 
     async def _watch_stalls(self) -> None:
         """Flag sessions whose tool call, or whose silence, lasts longer than the stall settings."""

@@ -17,12 +17,13 @@ import time
 import anyio
 import anyio.to_thread
 
-from .containers import DockerBackend, Sandbox
+from .containers import DockerBackend
 from .errors import EngineError, WorkspaceError
 from .lifecycle import Tracked
 from .metrics import Metrics
 from .outcome import Outcome
 from .queue import WorkQueue
+from .sandbox import Sandbox
 from .settlement import Settlement
 from .workspace.store import RestoreResult, WorkspaceStore
 

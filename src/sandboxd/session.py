@@ -21,7 +21,6 @@ import anyio
 from anthropic import APIError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
-from .containers import AssignmentRecord, Sandbox
 from .errors import EngineError, LaunchError, WorkItemError, WorkspaceError
 from .lifecycle import Lifecycle, Tracked
 from .logs import redacting
@@ -29,6 +28,7 @@ from .metrics import Metrics
 from .outcome import Outcome
 from .protocol import Assignment, abort_line, sessions_token_from_secret, workspace_ready_line
 from .queue import WorkQueue
+from .sandbox import AssignmentRecord, Sandbox
 from .settlement import ItemRef, Owner, Settlement
 from .workspace import WorkspacePlan, Workspaces
 
@@ -277,8 +277,7 @@ class SessionSupervisor:
                 limit = self._limits.max_session_seconds
                 settlement.record(Outcome.TIMED_OUT, f"exceeded max_session_seconds={limit:g}")
             elif not tracked.exited.is_set():
-                outcome = Outcome.DISK_LIMIT if "workspace" in tracked.stop_reason else Outcome.FAILED
-                settlement.record(outcome, tracked.stop_reason)
+                settlement.record(tracked.stop_outcome or Outcome.FAILED, tracked.stop_reason)
             await self._end(tracked, settlement)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
