@@ -75,6 +75,7 @@ class _ItemWatch:
             self.record(ExitCode.HEARTBEAT_REJECTED)
         elif kind == "stop" and (response.is_success or response.status_code == 409):
             self.stopped = True
+            emit(Event.STOPPED)
 
 
 def observed_tools(ctx: AgentToolContext) -> Sequence[Any]:

@@ -54,6 +54,7 @@ class Activity:
     first_heartbeat: float | None = None
     tool: str | None = None
     tool_started: float | None = None
+    item_stopped: bool = False  # the sandbox's worker stopped its item
     stalled: str = ""  # why, when the session looks stuck
 
     def feed(self, event: dict[str, object], metrics: Metrics | None) -> None:
@@ -65,6 +66,8 @@ class Activity:
         elif kind == Event.HEARTBEAT and self.first_heartbeat is None:
             self.first_heartbeat = at
             self.heartbeat.set()
+        elif kind == Event.STOPPED:
+            self.item_stopped = True
         elif kind == Event.TOOL_START:
             self.tool, self.tool_started = str(event.get("tool") or "unknown"), at
         elif kind == Event.TOOL_END:
@@ -85,6 +88,7 @@ class Tracked:
     sandbox: Sandbox
     activity: Activity = field(default_factory=Activity)
     exited: anyio.Event = field(default_factory=anyio.Event)
+    events_done: anyio.Event = field(default_factory=anyio.Event)  # its stdout was read to the end
     exit_status: int = -1
     oom_killed: bool = False
     stop_requested: anyio.Event = field(default_factory=anyio.Event)
@@ -173,13 +177,16 @@ class Lifecycle:
         tracked.exited.set()
 
     async def _follow(self, tracked: Tracked) -> None:
-        async for raw in self.backend.events(tracked.sandbox):
-            event = parse_event(raw)
-            if event is not None:
-                live = float(event["t"]) >= tracked.adopted_at
-                tracked.activity.feed(event, self._metrics if live else None)
-                if event["event"] == Event.HEARTBEAT:
-                    tracked.observe_first_heartbeat()
+        try:
+            async for raw in self.backend.events(tracked.sandbox):
+                event = parse_event(raw)
+                if event is not None:
+                    live = float(event["t"]) >= tracked.adopted_at
+                    tracked.activity.feed(event, self._metrics if live else None)
+                    if event["event"] == Event.HEARTBEAT:
+                        tracked.observe_first_heartbeat()
+        finally:
+            tracked.events_done.set()
 
     async def stop_and_wait(self, tracked: Tracked) -> bool:
         """SIGTERM the sandbox (its worker stops its item) and wait for it; False if it never exited."""

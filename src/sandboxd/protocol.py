@@ -20,6 +20,7 @@ restart (it re-reads the whole stream, so the state it derives is the same for a
     {"event": "heartbeat", "t": ..., "first": true}     a heartbeat was accepted (first: the lease is ours)
     {"event": "tool_start", "t": ..., "tool": "bash"}
     {"event": "tool_end", "t": ..., "tool": "bash", "outcome": "ok", "seconds": 0.4}
+    {"event": "stopped", "t": ...}                      the worker stopped its item: never stop it again
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ class Event(enum.StrEnum):
     HEARTBEAT = "heartbeat"
     TOOL_START = "tool_start"
     TOOL_END = "tool_end"
+    STOPPED = "stopped"  # the worker's stop of its item was accepted (or was already done: 409)
 
 
 def event_line(event: Event, at: float, **fields: Any) -> bytes:

@@ -295,7 +295,10 @@ class SessionSupervisor:
         elif tracked.exit_status < 0 and tracked.exited.is_set():
             settlement.sandbox_lost("the engine lost the sandbox")
         else:
-            settlement.sandbox_exited(tracked.exit_status, oom_killed=tracked.oom_killed)
+            with anyio.move_on_after(2):  # its last events (did the worker stop its item?) follow the exit
+                await tracked.events_done.wait()
+            settlement.sandbox_exited(tracked.exit_status, oom_killed=tracked.oom_killed,
+                                      item_stopped=tracked.activity.item_stopped)
         if self._retention is not None:
             await self._retention.keep(tracked, settlement)
         ok = settlement.outcome is not None and settlement.outcome.ok

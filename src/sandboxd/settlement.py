@@ -65,10 +65,14 @@ class Settlement:
         if self.owner is Owner.DAEMON:
             self.owner = Owner.SANDBOX
 
-    def sandbox_exited(self, status: int, *, oom_killed: bool = False) -> None:
-        """Take the sandbox's exit status: the daemon owns the stop again when it could not have."""
+    def sandbox_exited(self, status: int, *, oom_killed: bool = False, item_stopped: bool = False) -> None:
+        """Take the sandbox's exit status: the daemon owns the stop again when it could not have.
+
+        `item_stopped`: the sandbox reported that its worker's stop was accepted; whatever killed
+        it afterwards (an engine shutdown), the item is stopped and is not stopped again.
+        """
         self.exit_seen = True
-        if status not in ITEM_SETTLED_BY_SANDBOX:
+        if status not in ITEM_SETTLED_BY_SANDBOX and not item_stopped:
             log.warning("sandbox_died work_id=%s exit=%s%s; stopping the item", self.item.work_id, status,
                         " (oom killed)" if oom_killed else "")
             self.owner = Owner.DAEMON

@@ -161,3 +161,15 @@ async def test_a_stop_that_hangs_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
         async with Settlement(stops, REF) as settlement:
             pass
     assert stops.items == [] and not settlement.stopped_by_daemon
+
+
+async def test_a_sandbox_that_reported_its_stop_is_never_stopped_again_whatever_killed_it() -> None:
+    stops = Stops()
+    async with Settlement(stops, REF) as settlement:
+        settlement.handed_to_sandbox()
+        settlement.sandbox_exited(143, item_stopped=True)  # stopped its item, then the engine shut down
+    assert stops.items == []
+    async with Settlement(stops, REF) as settlement:
+        settlement.handed_to_sandbox()
+        settlement.sandbox_exited(143)
+    assert stops.items == [REF]
