@@ -1,7 +1,7 @@
 # Thin targets; .ci/run and the README call these.
 PY ?= .venv/bin/python
 
-.PHONY: bootstrap demo test lint typecheck images bench
+.PHONY: bootstrap demo test lint typecheck images bench soak
 
 bootstrap:            ## venv, Docker engine, images
 	scripts/bootstrap.sh
@@ -22,5 +22,10 @@ typecheck:
 images:
 	REBUILD=1 scripts/bootstrap.sh
 
-bench:
-	$(PY) benchmarks/workspace_bench.py
+bench:                ## sandbox start-up, burst and idle cost, then workspace and store throughput (< 10 min)
+	$(PY) benchmarks/sandbox_bench.py $(SANDBOX_BENCH_ARGS)
+	$(PY) benchmarks/workspace_bench.py --runs 1 --commits 1000
+	$(PY) benchmarks/store_bench.py --mb 100
+
+soak:                 ## 300 sessions through the real daemon under faults; restarts the Docker engine once
+	$(PY) benchmarks/soak.py --sessions 300 $(SOAK_ARGS)

@@ -147,6 +147,7 @@ class Daemon:
         self._running = 0
         self._poll_scope = anyio.CancelScope()
         self._sessions_scope = anyio.CancelScope()
+        self._pool_scope = anyio.CancelScope()
         self._stopping = False
         self.summary = Summary()
         metrics.sessions_capacity.set(max_sessions)
@@ -169,7 +170,7 @@ class Daemon:
                 async with anyio.create_task_group() as sessions:
                     await self._adopt(sessions)
                     if self._pool is not None:
-                        await root.start(self._pool.run, name="warm pool")
+                        await root.start(self._run_pool, name="warm pool")
                     self._notifier.ready(self._status_text())
                     log.info("daemon_ready environment_id=%s capacity=%d drain=%s",
                              self._queue.environment_id, self._capacity, drain)
@@ -177,6 +178,7 @@ class Daemon:
                         self._health.polling = True
                         await self._poll(sessions, drain)
                     self._health.polling = False
+                    self._pool_scope.cancel()  # no more claims (drained, stopping): the pool has no use
                     if drain and self._poll_scope.cancelled_caught and not self._stopping:
                         self.summary.drain_timed_out = True
             if drain and self._sessions_scope.cancelled_caught and not self._stopping:
@@ -210,6 +212,11 @@ class Daemon:
         finally:
             with anyio.CancelScope(shield=True):
                 await claims.aclose()  # type: ignore[attr-defined]
+
+    async def _run_pool(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        assert self._pool is not None
+        with self._pool_scope:
+            await self._pool.run(task_status=task_status)
 
     async def _engine_answers(self) -> None:
         """Claim nothing while the engine is down (a dockerd restart): each claim would fail its launch."""

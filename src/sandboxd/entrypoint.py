@@ -118,6 +118,15 @@ class ItemServer:
         self.ready = anyio.Event()
         self.watch = _ItemWatch()
         self._worker_scope = anyio.CancelScope()
+        # Built before the assignment arrives (TLS context, client, worker: about 30-50 ms), so a
+        # pooled sandbox's first heartbeat follows its assignment at once. None holds a credential:
+        # the SDK makes its per-item bearer client inside handle_item.
+        http_client, transport = hooked_http_client(gate=self._gate, uds=os.environ.get("SANDBOXD_API_SOCKET"))
+        transport.observe(self.watch)
+        self.client = AsyncAnthropic(
+            base_url=os.environ.get("ANTHROPIC_BASE_URL"), api_key=None, auth_token=None, http_client=http_client
+        )
+        self.worker = EnvironmentWorker(self.client, workdir=workdir, max_idle=max_idle, tools=observed_tools)
 
     async def _gate(self, request: httpx2.Request) -> None:
         # The session fetch precedes skills and the tool runner: holding it holds every tool call,
@@ -160,18 +169,14 @@ class ItemServer:
                 return
 
     async def serve(self, assignment: Assignment, environment_key: str | None, lines: AsyncIterator[bytes]) -> ExitCode:
-        http_client, transport = hooked_http_client(gate=self._gate, uds=os.environ.get("SANDBOXD_API_SOCKET"))
-        transport.observe(self.watch)
         error: BaseException | None = None
-        async with AsyncAnthropic(
-            base_url=os.environ.get("ANTHROPIC_BASE_URL"), api_key=None, auth_token=None, http_client=http_client
-        ) as client, anyio.create_task_group() as tg:
+        async with self.client, anyio.create_task_group() as tg:
             tg.start_soon(self._read_control, lines, name="control")
             tg.start_soon(self._watch_signals, name="signals")
             if os.environ.get("SANDBOXD_EGRESS_SOCKET"):  # tools' HTTP(S)_PROXY, through the daemon's proxy
                 await tg.start(relay, "127.0.0.1", int(os.environ.get("SANDBOXD_EGRESS_PORT", "3128")),
                                os.environ["SANDBOXD_EGRESS_SOCKET"])
-            worker = EnvironmentWorker(client, workdir=self.workdir, max_idle=self.max_idle, tools=observed_tools)
+            worker = self.worker
             with self._worker_scope:
                 try:
                     await worker.handle_item(
@@ -257,6 +262,7 @@ async def _amain(args: argparse.Namespace) -> ExitCode:
                   "(run `sandboxd run`, or attach stdin with `docker run -i`)")
         return ExitCode.BAD_ASSIGNMENT
     lines = _stdin_lines(fd)
+    server = ItemServer(args.workdir, args.max_idle)
     emit(Event.READY)
     try:
         message = parse_line(await anext(lines))
@@ -264,14 +270,11 @@ async def _amain(args: argparse.Namespace) -> ExitCode:
             raise ValueError(f"expected an assignment, got {message['type']!r}")
         assignment = Assignment.from_message(message)
         environment_key = message.get("environment_key") or None
-    except StopAsyncIteration:
-        log.error("stdin closed before a work item was assigned")
-        return ExitCode.BAD_ASSIGNMENT
-    except ValueError as exc:
-        log.error("no valid assignment on stdin: %s", exc)
+    except (StopAsyncIteration, ValueError) as exc:
+        log.error("no valid assignment on stdin: %s", exc or "stdin closed before a work item was assigned")
+        await server.client.close()
         return ExitCode.BAD_ASSIGNMENT
     log.info("assigned work_id=%s session_id=%s", assignment.work_id, assignment.session_id)
-    server = ItemServer(args.workdir, args.max_idle)
     code = await server.serve(assignment, environment_key, lines)
     log.info("finished work_id=%s exit=%s", assignment.work_id, code.name.lower())
     return code

@@ -141,6 +141,11 @@ class Lifecycle:
                 return member
         return self.track(await self.backend.create())
 
+    def refill_pool(self) -> None:
+        """A pool member was taken and its session is under way: make a new one."""
+        if self.pool is not None:
+            self.pool.refill()
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Watch sandboxes until cancelled; cancelling leaves every container as it is."""
         async with anyio.create_task_group() as tg:

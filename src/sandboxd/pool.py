@@ -49,11 +49,13 @@ class WarmPool:
         while self._ready:
             member = self._ready.popleft()
             if self._usable(member):
-                self._changed.set()  # refill
                 self._metrics.pool_ready.set(len(self._ready))
-                return member
+                return member  # the refill waits for `refill`, once the member's session is under way
             self._discard(member)
         return None
+
+    def refill(self) -> None:
+        self._changed.set()
 
     def _usable(self, member: Tracked) -> bool:
         sandbox = member.sandbox

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import IO, Protocol
 
 import anyio
@@ -96,9 +97,10 @@ class SessionSupervisor:
         try:
             with redacting(item.secret, sessions_token_from_secret(item.secret)):  # never in a log line
                 async with settlement:
-                    tracked = await self._start(item, settlement, started)
-                    if tracked is not None:
-                        await self._to_the_end(tracked, settlement)
+                    assigned = await self._start(item, settlement, started)
+                    if assigned is not None:
+                        tracked, plan = assigned
+                        await self._to_the_end(tracked, settlement, partial(self._prepare, tracked, settlement, plan))
         finally:
             report(self._finished(settlement, started))
         return True
@@ -134,71 +136,59 @@ class SessionSupervisor:
         )
         return SessionResult(item.work_id, item.session_id, outcome, duration, reason)
 
-    async def _start(self, item: BetaSelfHostedWork, settlement: Settlement, started: float) -> Tracked | None:
-        """Take a sandbox and hand it the item; None when the item was refused (settled by the caller)."""
-        acquired: list[Tracked | LaunchError] = []
+    async def _start(
+        self, item: BetaSelfHostedWork, settlement: Settlement, started: float
+    ) -> tuple[Tracked, WorkspacePlan | None] | None:
+        """Take a sandbox and hand it the item while the session's metadata is read.
+
+        Returns the assigned sandbox and the workspace plan (None: refused, the outcome recorded,
+        the sandbox must be aborted), or None when no sandbox got the item (settled by the caller).
+        """
         try:
             environment_key = self._sandbox_environment_key(item)
         except WorkItemError as exc:
             settlement.record(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
             return None
-        plan: WorkspacePlan | None = None
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._acquire, acquired, name=f"sandbox for {item.id}")
-                plan = await self._plan(item, settlement)
-        finally:
-            if plan is None:  # refused or interrupted: a sandbox taken meanwhile never got the item
-                for taken in acquired:
-                    if isinstance(taken, Tracked):
-                        await self._lifecycle.remove(taken)
-        if plan is None:
-            return None
-        got = acquired[0]
-        if isinstance(got, LaunchError):
-            self._metrics.launch_errors.labels(got.reason).inc()
-            settlement.record(Outcome.LAUNCH_FAILED, str(got))
-            return None
-        try:
-            if not await self._hand_off(item, got, settlement, environment_key, started, plan):
+        plans: list[WorkspacePlan | None] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._plan_into, item, settlement, plans, name=f"plan for {item.id}")
+            try:
+                tracked = await self._lifecycle.acquire()
+            except LaunchError as exc:
+                self._metrics.launch_errors.labels(exc.reason).inc()
+                settlement.record(Outcome.LAUNCH_FAILED, str(exc))
                 return None
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):  # never leave a sandbox behind; its exit decides the stop
-                if self.handing_off:
-                    settlement.hand_off()
-                    self._lifecycle.forget(got)
-                else:
-                    if isinstance(exc, anyio.get_cancelled_exc_class()):
-                        settlement.record(Outcome.CANCELLED, "stopped by the daemon's shutdown")
-                    else:
-                        settlement.record(Outcome.FAILED, "internal error (traceback in the log)")
-                    await self._end(got, settlement)
-            raise
-        return got
+            if settlement.outcome is not None:  # the plan was refused first: the item never reaches it
+                await self._lifecycle.remove(tracked)
+                return None
+            try:
+                if not await self._assign(item, tracked, settlement, environment_key, started):
+                    return None
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._lifecycle.remove(tracked)  # never assigned: it holds nothing
+                raise
+        return tracked, plans[0] if plans else None
 
-    async def _plan(self, item: BetaSelfHostedWork, settlement: Settlement) -> WorkspacePlan | None:
+    async def _plan_into(self, item: BetaSelfHostedWork, settlement: Settlement,
+                         into: list[WorkspacePlan | None]) -> None:
         """The session's workspace plan from its metadata; None (outcome recorded) for a bad one."""
         try:
-            return self._workspaces.plan(await self._queue.session_metadata(item))
+            into.append(self._workspaces.plan(await self._queue.session_metadata(item)))
+            return
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
             log.error("workspace_invalid work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
             settlement.record(Outcome.WORKSPACE_FAILED, f"{exc.reason}: {exc}")
         except (WorkItemError, APIError) as exc:
             settlement.record(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
-        return None
+        into.append(None)
 
-    async def _acquire(self, into: list[Tracked | LaunchError]) -> None:
-        try:
-            into.append(await self._lifecycle.acquire())
-        except LaunchError as exc:
-            into.append(exc)
-
-    async def _hand_off(
+    async def _assign(
         self, item: BetaSelfHostedWork, tracked: Tracked, settlement: Settlement,
-        environment_key: str | None, started: float, plan: WorkspacePlan,
+        environment_key: str | None, started: float,
     ) -> bool:
-        """Record and send the assignment, then deliver the workspace and release the tool calls."""
+        """Record and send the assignment: from here on the sandbox's worker owns the lease and the stop."""
         ref = settlement.item
         record = AssignmentRecord(ref, started, started + self._limits.max_session_seconds)
         assignment = Assignment(ref.work_id, ref.environment_id, ref.session_id, getattr(item, "secret", None))
@@ -215,10 +205,17 @@ class SessionSupervisor:
         self._metrics.claim_to_start.observe(time.time() - started)
         log.info("session_started work_id=%s session_id=%s container=%s source=%s", ref.work_id,
                  ref.session_id, tracked.sandbox.name, source)
-        error = await self._deliver_workspace(ref, tracked.sandbox, plan)
+        self._lifecycle.refill_pool()  # now, not before: the refill's engine calls would delay this one
+        return True
+
+    async def _prepare(self, tracked: Tracked, settlement: Settlement, plan: WorkspacePlan | None) -> None:
+        """Deliver the workspace and release the tool calls, or abort a session whose plan was refused."""
+        if plan is None:
+            await self._send_quietly(tracked.sandbox, abort_line(f"workspace refused: {settlement.reason}"))
+            return
+        error = await self._deliver_workspace(settlement.item, tracked.sandbox, plan)
         if error is not None:
             settlement.record(Outcome.WORKSPACE_FAILED, error)
-        return True
 
     def _sandbox_environment_key(self, item: BetaSelfHostedWork) -> str | None:
         """None when the item's secret carries a sessions token (the normal case)."""
@@ -263,11 +260,19 @@ class SessionSupervisor:
         except EngineError as exc:
             raise WorkspaceError("delivery_failed", f"the engine did not take the workspace: {exc}") from exc
 
-    async def _to_the_end(self, tracked: Tracked, settlement: Settlement) -> None:
-        """Wait for the sandbox to exit (or stop it: deadline, disk limit), settle, and retire it."""
+    async def _to_the_end(
+        self, tracked: Tracked, settlement: Settlement, prepare: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Prepare (workspace), wait for the sandbox to exit (or stop it: deadline, disk limit), settle, retire.
+
+        Whatever happens — cancellation, a bug — the sandbox is ended and removed here (or, in a
+        hand-off, left running for the next daemon).
+        """
         record = tracked.sandbox.record
         assert record is not None
         try:
+            if prepare is not None:
+                await prepare()
             # At least a moment: an adopted sandbox that exited after its deadline reports its exit at once.
             with anyio.move_on_after(max(1.0, record.deadline - time.time())) as timer:
                 await _first_of(tracked.exited, tracked.stop_requested)
@@ -278,16 +283,19 @@ class SessionSupervisor:
                 settlement.record(Outcome.TIMED_OUT, f"exceeded max_session_seconds={limit:g}")
             elif not tracked.exited.is_set():
                 settlement.record(tracked.stop_outcome or Outcome.FAILED, tracked.stop_reason)
-            await self._end(tracked, settlement)
-        except anyio.get_cancelled_exc_class():
+        except BaseException as exc:
             with anyio.CancelScope(shield=True):
-                if self.handing_off:
+                if self.handing_off and isinstance(exc, anyio.get_cancelled_exc_class()):
                     settlement.hand_off()
                     self._lifecycle.forget(tracked)
                 else:
-                    settlement.record(Outcome.CANCELLED, "stopped by the daemon's shutdown")
+                    cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+                    settlement.record(Outcome.CANCELLED if cancelled else Outcome.FAILED,
+                                      "stopped by the daemon's shutdown" if cancelled
+                                      else "internal error (traceback in the log)")
                     await self._end(tracked, settlement)
             raise
+        await self._end(tracked, settlement)
 
     async def _end(self, tracked: Tracked, settlement: Settlement) -> None:
         if not tracked.exited.is_set() and not await self._lifecycle.stop_and_wait(tracked):
@@ -299,10 +307,12 @@ class SessionSupervisor:
                 await tracked.events_done.wait()
             settlement.sandbox_exited(tracked.exit_status, oom_killed=tracked.oom_killed,
                                       item_stopped=tracked.activity.item_stopped)
-        if self._retention is not None:
-            await self._retention.keep(tracked, settlement)
-        ok = settlement.outcome is not None and settlement.outcome.ok
-        await self._lifecycle.retire(tracked, verbose=not ok)
+        try:
+            if self._retention is not None:
+                await self._retention.keep(tracked, settlement)
+        finally:
+            ok = settlement.outcome is not None and settlement.outcome.ok
+            await self._lifecycle.retire(tracked, verbose=not ok)
 
 
 async def _first_of(*events: anyio.Event) -> None:

@@ -81,7 +81,9 @@ class ControlPlane:
         """Bind, start serving in a daemon thread; returns once uvicorn accepts connections."""
         if self._thread is not None:
             raise RuntimeError("the control plane was already started")
-        sock = self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on such sockets; without it every
+        # reply on a kept-alive connection waits ~40 ms for a delayed ACK.
+        sock = self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = int(sock.getsockname()[1])
