@@ -119,7 +119,8 @@ async def test_each_turn_is_served_by_its_own_item_and_reads_what_the_last_one_w
         assert item["stop_log"][0] | {"at": None} == {
             "by": "sessions_token", "helper": "environments-worker", "force": True, "result": "stopped", "at": None,
         }
-    assert state["stop_summary"] == {"items": 3, "stopped_once": 3, "stopped_more": [], "not_stopped": []}
+    assert state["stop_summary"] == {"items": 3, "stopped_once": 3, "stopped_more": [], "not_stopped": [],
+                                     "redundant_stops_refused": 0}
 
 
 @pytest.mark.anyio
@@ -158,7 +159,9 @@ async def test_an_old_items_token_stops_authorizing_the_session_once_the_next_tu
     record = state["sessions"][session_id]
     assert [t["work_id"] for t in record["turns"]] == [first.id, second.id] and record["work_id"] == second.id
     assert (record["turn"], record["status"], record["done"]) == (2, "running", False)
-    assert state["work"][first.id]["times_stopped"] == 2 and state["stop_summary"]["stopped_more"] == [first.id]
+    # The old token's late stop was refused (409): the item was stopped once, and one stop was redundant.
+    assert state["work"][first.id]["times_stopped"] == 1 and state["stop_summary"]["stopped_more"] == []
+    assert state["stop_summary"]["redundant_stops_refused"] == 1
     assert state["stop_summary"]["not_stopped"] == [second.id]
 
 

@@ -330,7 +330,8 @@ class ControlPlaneState:
         statuses), lease_expiries, lease_revocations, heartbeat_credentials, stops [{credential,
         force}] (the one stop that took effect), stop_conflicts (409s), stop_log [{by, helper,
         force, result: stopped|conflict, at}] (every stop call, and a lease expiry that ended a
-        `stopping` item, by "lease_expiry") and times_stopped (its length).
+        `stopping` item, by "lease_expiry") and times_stopped (the entries that took effect: a
+        refused 409 is not a stop).
         `sessions`: {session_id: `SessionRecord.snapshot()`} — work_id (current turn's item),
         work_ids (one per turn served so far), status, steps (all turns), results [{tool_use_id,
         name, is_error, text, passed, reason}] (all turns), duplicates, done (every result of every

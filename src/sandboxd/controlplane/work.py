@@ -58,6 +58,11 @@ class WorkItem:
     stop_log: list[dict[str, Any]] = field(default_factory=list)
     heartbeat_credentials: set[str] = field(default_factory=set)
 
+    @property
+    def times_stopped(self) -> int:
+        """Stops that took effect (a 409 refused a redundant one: the item was already stopped)."""
+        return sum(1 for s in self.stop_log if s["result"] != "conflict")
+
     def log_stop(self, by: str, force: bool, result: str, helper: str | None = None) -> None:
         self.stop_log.append({"by": by, "helper": helper, "force": force, "result": result, "at": now_rfc3339()})
 
@@ -98,7 +103,7 @@ class WorkItem:
             "stops": [dict(s) for s in self.stops],
             "stop_conflicts": self.stop_conflicts,
             "stop_log": [dict(s) for s in self.stop_log],
-            "times_stopped": len(self.stop_log),
+            "times_stopped": self.times_stopped,
         }
 
     def lease_state(self, ttl: int) -> dict[str, Any]:
@@ -262,12 +267,13 @@ class WorkQueue:
         return item
 
     def stop_summary(self) -> dict[str, Any]:
-        """How often each item was stopped: once, more than once (409s after the stop), not yet."""
-        counts = {i.id: len(i.stop_log) for i in self.items.values()}
+        """How often each item was stopped: once, more than once, not yet; and the refused redundant stops."""
+        counts = {i.id: i.times_stopped for i in self.items.values()}
         return {
             "items": len(counts),
             "stopped_once": sum(1 for n in counts.values() if n == 1),
             "stopped_more": sorted(w for w, n in counts.items() if n > 1),
+            "redundant_stops_refused": sum(i.stop_conflicts for i in self.items.values()),
             "not_stopped": sorted(i.id for i in self.items.values() if i.state != "stopped"),
         }
 
