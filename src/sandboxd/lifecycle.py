@@ -165,11 +165,6 @@ class Lifecycle:
         self._tg.start_soon(self._follow, tracked, name=f"events {sandbox.name}")
         return tracked
 
-    def workspace_delivered(self, sandbox: Sandbox) -> None:
-        tracked = self._tracked.get(sandbox.name)
-        if tracked is not None:
-            tracked.workspace_ready = True
-
     def assigned(self) -> list[Tracked]:
         return [t for t in self._tracked.values() if t.sandbox.record is not None and not t.exited.is_set()]
 
@@ -272,3 +267,14 @@ class Lifecycle:
         elif activity.stalled and not why:
             log.info("session_unstalled container=%s", tracked.sandbox.name)
         activity.stalled = why
+
+
+async def first_of(*events: anyio.Event) -> None:
+    """Return once any of `events` is set."""
+    async with anyio.create_task_group() as tg:
+        for event in events:
+            async def wait(e: anyio.Event = event) -> None:
+                await e.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)

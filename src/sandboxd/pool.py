@@ -18,7 +18,7 @@ import anyio
 import anyio.abc
 
 from .errors import LaunchError
-from .lifecycle import Lifecycle, Tracked
+from .lifecycle import Lifecycle, Tracked, first_of
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ class WarmPool:
                 return False
             member = self._lifecycle.track(sandbox)
             try:
-                await _ready_or_exited(member)
+                with anyio.move_on_after(READY_TIMEOUT_SECONDS):
+                    await first_of(member.activity.ready, member.exited)
             except BaseException:
                 await self._lifecycle.remove(member)  # shielded: a member cut off while starting
                 raise
@@ -151,16 +152,3 @@ class WarmPool:
         for member in members:
             await self._lifecycle.remove(member)
         self._metrics.pool_ready.set(0)
-
-
-async def _ready_or_exited(member: Tracked) -> None:
-    """Wait until the member reports ready, exits, or READY_TIMEOUT_SECONDS pass."""
-    with anyio.move_on_after(READY_TIMEOUT_SECONDS):
-        async with anyio.create_task_group() as tg:
-            async def exited() -> None:
-                await member.exited.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(exited)
-            await member.activity.ready.wait()
-            tg.cancel_scope.cancel()

@@ -23,7 +23,7 @@ from anthropic import APIError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from .errors import EngineError, LaunchError, WorkItemError, WorkspaceError
-from .lifecycle import Lifecycle, Tracked
+from .lifecycle import Lifecycle, Tracked, first_of
 from .logs import redacting
 from .metrics import Metrics
 from .outcome import Outcome
@@ -216,6 +216,8 @@ class SessionSupervisor:
         error = await self._deliver_workspace(settlement.item, tracked.sandbox, plan)
         if error is not None:
             settlement.record(Outcome.WORKSPACE_FAILED, error)
+        else:
+            tracked.workspace_ready = True
 
     def _sandbox_environment_key(self, item: BetaSelfHostedWork) -> str | None:
         """None when the item's secret carries a sessions token (the normal case)."""
@@ -245,7 +247,6 @@ class SessionSupervisor:
             return f"{exc.reason}: {exc}"
         self._metrics.workspace_duration.observe(time.monotonic() - began)
         await self._send_quietly(sandbox, workspace_ready_line())
-        self._lifecycle.workspace_delivered(sandbox)
         return None
 
     async def _send_quietly(self, sandbox: Sandbox, line: bytes) -> None:
@@ -275,7 +276,7 @@ class SessionSupervisor:
                 await prepare()
             # At least a moment: an adopted sandbox that exited after its deadline reports its exit at once.
             with anyio.move_on_after(max(1.0, record.deadline - time.time())) as timer:
-                await _first_of(tracked.exited, tracked.stop_requested)
+                await first_of(tracked.exited, tracked.stop_requested)
             if timer.cancelled_caught and not tracked.exited.is_set():
                 log.warning("session_timed_out work_id=%s after=%.0fs", record.item.work_id,
                             self._limits.max_session_seconds)
@@ -313,13 +314,3 @@ class SessionSupervisor:
         finally:
             ok = settlement.outcome is not None and settlement.outcome.ok
             await self._lifecycle.retire(tracked, verbose=not ok)
-
-
-async def _first_of(*events: anyio.Event) -> None:
-    async with anyio.create_task_group() as tg:
-        for event in events:
-            async def wait(e: anyio.Event = event) -> None:
-                await e.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(wait)
