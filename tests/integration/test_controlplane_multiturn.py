@@ -22,11 +22,7 @@ from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from sandboxd.controlplane import ControlPlane, Expect, FaultPlan, FaultRule, Scenario, ScriptedSession, ToolStep
 from sandboxd.controlplane.faults import FaultInjector
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+from tests.integration.test_controlplane import bearer, token_of
 
 
 @pytest.fixture(autouse=True)
@@ -39,18 +35,6 @@ def _no_anthropic_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def plane() -> Iterator[ControlPlane]:
     with ControlPlane(Scenario(lease_ttl_seconds=3)) as cp:
         yield cp
-
-
-def bearer(cp: ControlPlane, token: str, **options: Any) -> AsyncAnthropic:
-    return AsyncAnthropic(base_url=cp.url, api_key=token, max_retries=options.pop("max_retries", 0), **options)
-
-
-def token_of(work: BetaSelfHostedWork) -> str:
-    from anthropic.lib.environments._worker import _sessions_token_from_secret
-
-    token = _sessions_token_from_secret(work.secret)
-    assert token is not None
-    return token
 
 
 async def claim_one(cp: ControlPlane) -> BetaSelfHostedWork:
