@@ -41,6 +41,7 @@ import anyio
 import docker
 from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
+from naive_worker import naive_item  # benchmarks/ is on sys.path when this file is run
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandboxd.broker import ApiBroker
@@ -153,21 +154,6 @@ async def _claim(cp: ControlPlane, client: AsyncAnthropic) -> Any:
         await claims.aclose()  # type: ignore[attr-defined]
 
 
-def naive_command(cp: ControlPlane, bench_id: str) -> list[str]:
-    return ["docker", "run", "-i", "--rm", "--network", "host", "--label", f"{BENCH_LABEL}={bench_id}",
-            "-e", f"ANTHROPIC_BASE_URL={cp.url}", IMAGE, "--workdir", "/workspace",
-            "--max-idle", str(MAX_IDLE_SECONDS)]
-
-
-async def naive_item(cp: ControlPlane, item: Any, bench_id: str) -> None:
-    """What a `--on-work` script does: `docker run -i` the image and hand it the claimed item on stdin."""
-    assignment = Assignment(item.id, item.environment_id, item.data.id, item.secret)
-    result = await anyio.run_process(naive_command(cp, bench_id), input=assignment.to_line() + workspace_ready_line(),
-                                     check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"docker run exited {result.returncode}: {result.stderr.decode()[-2000:]}")
-
-
 # -- table 1: one contender per way of running a session --------------------------------------------
 
 class Contender:
@@ -250,7 +236,8 @@ class Naive(Contender):
 
     async def _serve(self) -> None:
         async with AsyncAnthropic(base_url=self.cp.url, auth_token=self.cp.environment_key) as claimer:
-            await naive_item(self.cp, await _claim(self.cp, claimer), self.bench_id)
+            await naive_item(self.cp.url, await _claim(self.cp, claimer), f"{BENCH_LABEL}={self.bench_id}",
+                             MAX_IDLE_SECONDS)
 
 
 class Prestarted(Contender):
@@ -331,9 +318,12 @@ class SandboxdRun(Contender):
     """(c)-(e) `sandboxd run`: each session on an idle daemon whose pool members are ready."""
 
     def __init__(self, key: str, name: str, engine: docker.DockerClient, scratch: Path, *, pool: int,
-                 runtime: str | None = None) -> None:
-        super().__init__(Series(name, note=f"warm_pool_size={pool}, runtime={runtime or 'runc'}"))
+                 runtime: str | None = None, network: str | None = None) -> None:
+        super().__init__(Series(name, note=f"warm_pool_size={pool}, runtime={runtime or 'runc'}"
+                                + (f", network_mode={network} (diagnostic: the daemon without the no-network wall)"
+                                   if network else "")))
         self.key, self.engine, self.scratch, self.pool, self.runtime = key, engine, scratch, pool, runtime
+        self.network = network
         self.items: list[tuple[str, float, float]] = []
         self.daemon: Daemon | None = None
         self.events: EngineEvents | None = None
@@ -341,6 +331,7 @@ class SandboxdRun(Contender):
     def open(self) -> None:
         super().open()
         env = {"SANDBOXD_WARM_POOL_SIZE": str(self.pool)} | ({"SANDBOXD_RUNTIME": self.runtime} if self.runtime else {})
+        env |= {"SANDBOXD_NETWORK_MODE": self.network} if self.network else {}
         self.daemon = Daemon(self.cp, self.scratch, "run", **env)
         self.events = EngineEvents(self.engine, self.daemon.instance)
         self.settle()
@@ -389,30 +380,6 @@ def latency(contenders: list[Contender], sessions: int) -> None:
                 contender.close()
             except Exception as exc:  # noqa: BLE001
                 print(f"  closing {contender.key}: {exc}", file=sys.stderr)
-
-
-async def naive_burst(cp: ControlPlane, width: int, bench_id: str) -> None:
-    """Claim within capacity (a slot before each claim, as sandboxd does) and `docker run` each item."""
-    slots = anyio.Semaphore(width)
-    async with AsyncAnthropic(base_url=cp.url, auth_token=cp.environment_key) as claimer, \
-            anyio.create_task_group() as tg:
-        claims = claimer.beta.environments.work.poller(environment_id=cp.environment_id,
-                                                       environment_key=cp.environment_key, drain=True,
-                                                       auto_stop=False)
-
-        async def serve(item: Any) -> None:
-            try:
-                await naive_item(cp, item, bench_id)
-            finally:
-                slots.release()
-
-        while True:
-            await slots.acquire()
-            try:
-                item = await anext(claims)
-            except StopAsyncIteration:
-                break
-            tg.start_soon(serve, item)
 
 
 # -- sandboxd as a subprocess -------------------------------------------------------------------------
@@ -566,14 +533,14 @@ def _profile(series: Series, daemon: Daemon, events: EngineEvents, items: list[t
         series.add_phase("session_started → first heartbeat", beat - handed)
 
 
-def sandboxd_burst(engine: docker.DockerClient, scratch: Path, count: int,
-                   width: int) -> tuple[float, float, float, int]:
+def sandboxd_burst(engine: docker.DockerClient, scratch: Path, count: int, width: int,
+                   **env: str) -> tuple[float, float, float, int]:
     """`sandboxd drain --max-sessions width` over `count` sessions: (wall, ack-to-last-stop, load, pool hits)."""
     with control_plane() as cp:
         ids = [cp.add_session(one_bash_session(f"burst{i}")) for i in range(count)]
         loaded = load()
         began = time.monotonic()
-        daemon = Daemon(cp, scratch, "drain", "--max-sessions", str(width))
+        daemon = Daemon(cp, scratch, "drain", "--max-sessions", str(width), **env)
         try:
             code = daemon.process.wait(600)
             wall = time.monotonic() - began
@@ -583,20 +550,27 @@ def sandboxd_burst(engine: docker.DockerClient, scratch: Path, count: int,
                 wait_served(cp, sid, wid)
             window = _ack_window(cp, [wid for _, wid in ids])
             sources = [e.get("source") for e in daemon.events() if e.get("event") == "session_started"]
-            print(f"  sandboxd burst: {sources.count('pool')} of {len(sources)} sessions from the pool",
-                  file=sys.stderr, flush=True)
         finally:
             daemon.cleanup(engine)
     return wall, window, max(loaded, load()), sources.count("pool")
 
 
 def naive_burst_run(bench_id: str, count: int, width: int) -> tuple[float, float, float, int]:
+    """`benchmarks/naive_worker.py` over `count` sessions: a process of its own, timed like `sandboxd drain`."""
     with control_plane() as cp:
         ids = [cp.add_session(one_bash_session(f"nburst{i}")) for i in range(count)]
         loaded = load()
         began = time.monotonic()
-        anyio.run(naive_burst, cp, width, bench_id)
+        worker = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("naive_worker.py")), "--base-url", cp.url,
+             "--environment-id", cp.environment_id, "--width", str(width), "--label", f"{BENCH_LABEL}={bench_id}",
+             "--max-idle", str(MAX_IDLE_SECONDS)],
+            env={**os.environ, "ANTHROPIC_ENVIRONMENT_KEY": cp.environment_key}, capture_output=True, timeout=600,
+            check=False,
+        )
         wall = time.monotonic() - began
+        if worker.returncode != 0:
+            raise RuntimeError(f"naive_worker exited {worker.returncode}: {worker.stderr.decode()[-2000:]}")
         for sid, wid in ids:
             wait_served(cp, sid, wid)
         window = _ack_window(cp, [wid for _, wid in ids])
@@ -721,7 +695,9 @@ def main() -> None:
             SandboxdRun("warm", f"sandboxd warm (pool {args.warm_pool})", engine, scratch, pool=args.warm_pool),
         ]
         if "diagnostics" not in args.skip:
-            contenders += [Prestarted(bench_id, broker=False), Prestarted(bench_id, broker=True)]
+            contenders += [SandboxdRun("coldhost", "sandboxd cold, host network", engine, scratch, pool=0,
+                                       network="host"),
+                           Prestarted(bench_id, broker=False), Prestarted(bench_id, broker=True)]
         if "gvisor" not in args.skip:
             contenders.append(SandboxdRun("gvisor", "sandboxd cold (gVisor)", engine, scratch, pool=0,
                                           runtime="runsc"))
@@ -734,7 +710,11 @@ def main() -> None:
                 try:
                     burst = (sandboxd_burst(engine, scratch, args.burst, args.width),
                              naive_burst_run(bench_id, args.burst, args.width))
-                    print_burst(burst, args.burst, args.width)
+                    diagnostic = None
+                    if "diagnostics" not in args.skip:
+                        diagnostic = sandboxd_burst(engine, scratch, args.burst, args.width,
+                                                    SANDBOXD_NETWORK_MODE="host")
+                    print_burst(burst, diagnostic, args.burst, args.width)
                 except Exception as exc:  # noqa: BLE001 - e.g. the engine restarted under us; report the rest
                     print(f"\n2. burst: failed: {type(exc).__name__}: {str(exc)[:500]}")
             if "idle" not in args.skip:
@@ -758,16 +738,24 @@ def leftovers(engine: docker.DockerClient, bench_id: str) -> None:
         print(f"  could not remove leftovers labelled {BENCH_LABEL}={bench_id}: {exc}", file=sys.stderr)
 
 
-def print_burst(burst: tuple[Any, Any], count: int, width: int) -> None:
+def print_burst(burst: tuple[Any, Any], diagnostic: tuple[float, float, float, int] | None, count: int,
+                width: int) -> None:
     (ours, our_window, our_load, hits), (theirs, their_window, their_load, _) = burst
-    print(f"\n2. burst: {count} one-bash-call sessions queued, {width} at a time; seconds")
+    print(f"\n2. burst: {count} one-bash-call sessions queued, {width} at a time; seconds; wall = process start "
+          "to exit for both")
     print(f"   {machine()}")
-    print(f"   {'contender':<34} {'wall':>7} {'1st ack→last stop':>18}  {'load 1m':>7}")
-    print(f"   {'sandboxd drain --max-sessions ' + str(width):<34} {ours:7.1f} {our_window:18.1f}  {our_load:7.1f}"
-          f"  (wall: process start to exit; warm_pool_size=1, the default: {hits} of {count} from the pool)")
-    print(f"   {'naive docker run, width ' + str(width):<34} {theirs:7.1f} {their_window:18.1f}  {their_load:7.1f}"
-          "  (wall: first poll to last docker run exit)")
-    print(f"   ratio sandboxd / naive: wall {ours / theirs:.2f}, ack window {our_window / their_window:.2f}")
+    print(f"   {'contender':<44} {'wall':>7} {'1st ack→last stop':>18}  {'load 1m':>7}")
+    print(f"   {'sandboxd drain --max-sessions ' + str(width):<44} {ours:7.1f} {our_window:18.1f}  {our_load:7.1f}"
+          f"  (warm_pool_size=1, the default: {hits} of {count} from the pool)")
+    print(f"   {'naive worker (naive_worker.py), width ' + str(width):<44} {theirs:7.1f} {their_window:18.1f}"
+          f"  {their_load:7.1f}  (SDK poller + docker run --network host per item)")
+    if diagnostic is not None:
+        wall, window, loaded, pooled = diagnostic
+        print(f"   {'sandboxd drain, network_mode=host':<44} {wall:7.1f} {window:18.1f}  {loaded:7.1f}"
+              f"  (diagnostic: the daemon without the no-network wall; {pooled} from the pool)")
+    host = (f"; with network_mode=host: wall {diagnostic[0] / theirs:.2f}, "
+            f"ack window {diagnostic[1] / their_window:.2f}") if diagnostic else ""
+    print(f"   ratio sandboxd / naive: wall {ours / theirs:.2f}, ack window {our_window / their_window:.2f}{host}")
 
 
 def print_idle(rows: list[dict[str, Any]], seconds: float) -> None:

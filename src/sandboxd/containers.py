@@ -27,7 +27,6 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests
-from docker.models.containers import Container
 from docker.types import Mount
 
 from .errors import EngineError, LaunchError
@@ -123,29 +122,44 @@ class DockerBackend:
     async def create(self, *, image_id: str | None = None) -> Sandbox:
         """Create the workspace volume and the hardened container, start it and open its stdin.
 
-        The sandbox holds no work and no secret until `assign`. Raises LaunchError with a bounded
-        reason; whatever was created is removed first (also on cancellation).
+        What the image resolves to is looked up while the volume is created (neither needs the
+        other). The sandbox holds no work and no secret until `assign`. Raises LaunchError with a
+        bounded reason; whatever was created is removed first (also on cancellation).
         """
         sandbox = Sandbox(container_id="", name=f"sandboxd-{uuid.uuid4().hex[:16]}", created_at=time.time())
         try:
-            sandbox.image_id = image_id or await self.image_id()
-            await self._call(self._client.volumes.create, name=sandbox.volume,
-                             labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}))
-            container = await self._call(self._create, sandbox)
-            sandbox.container_id = container.id or ""
-            await self._call(container.start)
-            sandbox.stdin = await self._call(self._attach_stdin, container)
+            async with anyio.create_task_group() as tg:
+                if image_id is None:
+                    tg.start_soon(self._resolve_image, sandbox)
+                else:
+                    sandbox.image_id = image_id
+                await self._call(self._client.volumes.create, name=sandbox.volume,
+                                 labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}))
+            sandbox.container_id = await self._call(self._create, sandbox)
+            await self._call(self._client.api.start, sandbox.container_id)
+            sandbox.stdin = await self._call(self._attach_stdin, sandbox.container_id)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.remove(sandbox)
-            if isinstance(exc, docker.errors.ImageNotFound):
-                raise LaunchError("image_missing", f"sandbox image {self.spec.image!r} not found: {exc}") from exc
-            if isinstance(exc, _ENGINE_ERRORS):
-                raise LaunchError(_launch_reason(exc), f"could not start the sandbox container: {exc}") from exc
-            raise
+            error = self._launch_error(_first_cause(exc))
+            if error is exc:
+                raise
+            raise error from exc
         return sandbox
 
-    def _create(self, sandbox: Sandbox) -> Container:
+    async def _resolve_image(self, sandbox: Sandbox) -> None:
+        sandbox.image_id = await self.image_id()
+
+    def _launch_error(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, LaunchError) or not isinstance(exc, Exception):
+            return exc
+        if isinstance(exc, docker.errors.ImageNotFound):
+            return LaunchError("image_missing", f"sandbox image {self.spec.image!r} not found: {exc}")
+        if isinstance(exc, _ENGINE_ERRORS):
+            return LaunchError(_launch_reason(exc), f"could not start the sandbox container: {exc}")
+        return exc
+
+    def _create(self, sandbox: Sandbox) -> str:
         spec, api = self.spec, self._client.api
         mounts = [Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
         mounts += [Mount(target=target, source=source, type="bind", read_only=True)
@@ -181,11 +195,10 @@ class DockerBackend:
         )
         # The daemon closing its attach stream is the sandbox's end of stdin (docker-py has no flag).
         config["StdinOnce"] = True
-        created = api.create_container_from_config(config, name=sandbox.name)
-        return self._client.containers.get(created["Id"])
+        return str(api.create_container_from_config(config, name=sandbox.name)["Id"])
 
-    def _attach_stdin(self, container: Container) -> socket.socket:
-        stream: Any = container.attach_socket(params={"stdin": 1, "stream": 1})
+    def _attach_stdin(self, container_id: str) -> socket.socket:
+        stream: Any = self._client.api.attach_socket(container_id, params={"stdin": 1, "stream": 1})
         raw: socket.socket = getattr(stream, "_sock", stream)
         return raw
 
@@ -396,6 +409,25 @@ def _close_socket(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    """What to report of a task group's failure (the image lookup, the volume, or both)."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    leaves = []
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop(0)
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        else:
+            leaves.append(current)
+    for kind in (LaunchError, *_ENGINE_ERRORS):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return exc
 
 
 def _launch_reason(exc: BaseException) -> str:
