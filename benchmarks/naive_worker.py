@@ -57,7 +57,7 @@ async def naive_burst(base_url: str, environment_id: str, environment_key: str, 
         while True:
             await slots.acquire()
             try:
-                item = await anext(claims)  # type: ignore[arg-type]
+                item = await anext(claims)
             except StopAsyncIteration:
                 break
             tg.start_soon(serve, item)

@@ -555,6 +555,34 @@ def sandboxd_burst(engine: docker.DockerClient, scratch: Path, count: int, width
     return wall, window, max(loaded, load()), sources.count("pool")
 
 
+BurstRun = tuple[float, float, float, int]  # wall, first ack → last stop, load, sessions from the pool
+
+
+def bursts(engine: docker.DockerClient, scratch: Path, bench_id: str, args: argparse.Namespace, *,
+           diagnostics: bool) -> dict[str, list[BurstRun]]:
+    """`--burst-runs` rounds; the contenders' order rotates each round, so none always runs first (on
+    the load the previous one left)."""
+    contenders: dict[str, Callable[[], BurstRun]] = {
+        "sandboxd": lambda: sandboxd_burst(engine, scratch, args.burst, args.width),
+        "naive": lambda: naive_burst_run(bench_id, args.burst, args.width),
+    }
+    if diagnostics:
+        contenders["host"] = lambda: sandboxd_burst(engine, scratch, args.burst, args.width,
+                                                    SANDBOXD_NETWORK_MODE="host")
+    runs: dict[str, list[BurstRun]] = {key: [] for key in contenders}
+    keys = list(contenders)
+    for round_ in range(args.burst_runs):
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            print(f"  burst round {round_ + 1}/{args.burst_runs}: {key} ...", file=sys.stderr, flush=True)
+            runs[key].append(contenders[key]())
+    return runs
+
+
+def median_run(runs: list[BurstRun]) -> BurstRun:
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs),
+            max(r[2] for r in runs), round(statistics.median(r[3] for r in runs)))
+
+
 def naive_burst_run(bench_id: str, count: int, width: int) -> tuple[float, float, float, int]:
     """`benchmarks/naive_worker.py` over `count` sessions: a process of its own, timed like `sandboxd drain`."""
     with control_plane() as cp:
@@ -650,7 +678,8 @@ def print_latency(rows: list[Series], sessions: int) -> None:
                 print(f"     {phase:<36} {ms(statistics.median(values))} {ms(max(values))}")
 
 
-def targets(rows: dict[str, Series], burst: tuple[Any, Any] | None, idle_rows: list[dict[str, Any]]) -> list[str]:
+def targets(rows: dict[str, Series], burst: tuple[BurstRun, BurstRun] | None,
+            idle_rows: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
 
     def check(label: str, value: float, limit: float, unit: str = "ms", scale: float = 1000) -> None:
@@ -678,6 +707,7 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=5, help="sessions per contender in table 1")
     parser.add_argument("--burst", type=int, default=24, help="sessions in the burst (table 2)")
     parser.add_argument("--width", type=int, default=4, help="sessions at once in the burst")
+    parser.add_argument("--burst-runs", type=int, default=2, help="rounds of the burst (medians are reported)")
     parser.add_argument("--warm-pool", type=int, default=1, help="warm_pool_size of the warm contender")
     parser.add_argument("--idle-seconds", type=float, default=30.0, help="CPU sampling window (table 3)")
     parser.add_argument("--skip", action="append", default=[], choices=["gvisor", "burst", "idle", "diagnostics"])
@@ -685,7 +715,7 @@ def main() -> None:
     engine = docker.from_env(timeout=120)
     bench_id = uuid.uuid4().hex[:10]
     print(f"sandbox benchmark, image {IMAGE}; {machine()}", flush=True)
-    burst: tuple[Any, Any] | None = None
+    burst: tuple[BurstRun, BurstRun] | None = None
     idle_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="sbx-bench-") as scratch_name:
         scratch = Path(scratch_name)
@@ -708,13 +738,10 @@ def main() -> None:
             if "burst" not in args.skip:
                 print("  measuring the burst ...", file=sys.stderr, flush=True)
                 try:
-                    burst = (sandboxd_burst(engine, scratch, args.burst, args.width),
-                             naive_burst_run(bench_id, args.burst, args.width))
-                    diagnostic = None
-                    if "diagnostics" not in args.skip:
-                        diagnostic = sandboxd_burst(engine, scratch, args.burst, args.width,
-                                                    SANDBOXD_NETWORK_MODE="host")
-                    print_burst(burst, diagnostic, args.burst, args.width)
+                    runs = bursts(engine, scratch, bench_id, args, diagnostics="diagnostics" not in args.skip)
+                    burst = (median_run(runs["sandboxd"]), median_run(runs["naive"]))
+                    diagnostic = median_run(runs["host"]) if runs.get("host") else None
+                    print_burst(burst, diagnostic, args.burst, args.width, runs)
                 except Exception as exc:  # noqa: BLE001 - e.g. the engine restarted under us; report the rest
                     print(f"\n2. burst: failed: {type(exc).__name__}: {str(exc)[:500]}")
             if "idle" not in args.skip:
@@ -738,21 +765,26 @@ def leftovers(engine: docker.DockerClient, bench_id: str) -> None:
         print(f"  could not remove leftovers labelled {BENCH_LABEL}={bench_id}: {exc}", file=sys.stderr)
 
 
-def print_burst(burst: tuple[Any, Any], diagnostic: tuple[float, float, float, int] | None, count: int,
-                width: int) -> None:
+def print_burst(burst: tuple[BurstRun, BurstRun], diagnostic: BurstRun | None, count: int, width: int,
+                runs: dict[str, list[BurstRun]]) -> None:
     (ours, our_window, our_load, hits), (theirs, their_window, their_load, _) = burst
-    print(f"\n2. burst: {count} one-bash-call sessions queued, {width} at a time; seconds; wall = process start "
-          "to exit for both")
+    rounds = len(runs["naive"])
+    print(f"\n2. burst: {count} one-bash-call sessions queued, {width} at a time; seconds, median of {rounds} "
+          "round(s), the order rotating; wall = process start to exit for both")
     print(f"   {machine()}")
-    print(f"   {'contender':<44} {'wall':>7} {'1st ack→last stop':>18}  {'load 1m':>7}")
+    print(f"   {'contender':<44} {'wall':>7} {'1st ack→last stop':>18}  {'load 1m':>7}  runs (wall/window)")
+
+    def each(key: str) -> str:
+        return ", ".join(f"{r[0]:.1f}/{r[1]:.1f}" for r in runs[key])
+
     print(f"   {'sandboxd drain --max-sessions ' + str(width):<44} {ours:7.1f} {our_window:18.1f}  {our_load:7.1f}"
-          f"  (warm_pool_size=1, the default: {hits} of {count} from the pool)")
+          f"  {each('sandboxd')}  (warm_pool_size=1, the default: {hits} of {count} from the pool)")
     print(f"   {'naive worker (naive_worker.py), width ' + str(width):<44} {theirs:7.1f} {their_window:18.1f}"
-          f"  {their_load:7.1f}  (SDK poller + docker run --network host per item)")
+          f"  {their_load:7.1f}  {each('naive')}  (SDK poller + docker run --network host per item)")
     if diagnostic is not None:
         wall, window, loaded, pooled = diagnostic
         print(f"   {'sandboxd drain, network_mode=host':<44} {wall:7.1f} {window:18.1f}  {loaded:7.1f}"
-              f"  (diagnostic: the daemon without the no-network wall; {pooled} from the pool)")
+              f"  {each('host')}  (diagnostic: the daemon without the no-network wall)")
     host = (f"; with network_mode=host: wall {diagnostic[0] / theirs:.2f}, "
             f"ack window {diagnostic[1] / their_window:.2f}") if diagnostic else ""
     print(f"   ratio sandboxd / naive: wall {ours / theirs:.2f}, ack window {our_window / their_window:.2f}{host}")
@@ -767,7 +799,7 @@ def print_idle(rows: list[dict[str, Any]], seconds: float) -> None:
         print(f"   {r['pool']:<15} {r['cpu']:16.2f} {r['rss']:8.1f} {r['polls']:6.0f}  {r['load']:7.1f}  {r['member']}")
 
 
-def print_summary(rows: dict[str, Series], burst: tuple[Any, Any] | None, idle_rows: list[dict[str, Any]],
+def print_summary(rows: dict[str, Series], burst: tuple[BurstRun, BurstRun] | None, idle_rows: list[dict[str, Any]],
                   args: argparse.Namespace) -> None:
     print("\n---- summary for benchmarks/README.md (paste below the last run) ----")
     print(f"`make bench`, {machine()}:\n")
