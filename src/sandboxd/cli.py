@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import logging
 import os
 import sys
@@ -39,6 +40,9 @@ COMMANDS = {
 def _daemon_command(command: str, settings: Settings) -> NoReturn:
     settings.require("environment_id", "environment_key", command=command)
     drain = command == "drain"
+    # Everything imported so far (the SDK's types are most of 170k objects) lives as long as the
+    # process: out of the collector's sight, a full collection takes microseconds instead of ~50 ms.
+    gc.freeze()
     summary = anyio.run(lambda: run_daemon(settings, drain=drain))
     code = summary.exit_code(drain=drain)
     if drain:
