@@ -141,8 +141,8 @@ class DockerBackend:
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 await self.remove(sandbox)
-            error = self._launch_error(_first_cause(exc))
-            if error is exc:
+            error = self._launch_error(exc)
+            if error is None or error is exc:
                 raise
             raise error from exc
         return sandbox
@@ -150,14 +150,16 @@ class DockerBackend:
     async def _resolve_image(self, sandbox: Sandbox) -> None:
         sandbox.image_id = await self.image_id()
 
-    def _launch_error(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, LaunchError) or not isinstance(exc, Exception):
-            return exc
-        if isinstance(exc, docker.errors.ImageNotFound):
-            return LaunchError("image_missing", f"sandbox image {self.spec.image!r} not found: {exc}")
-        if isinstance(exc, _ENGINE_ERRORS):
-            return LaunchError(_launch_reason(exc), f"could not start the sandbox container: {exc}")
-        return exc
+    def _launch_error(self, exc: BaseException) -> LaunchError | None:
+        """The bounded error a failed creation reports; None: not the engine's doing (re-raised)."""
+        cause = _first_cause(exc)
+        if isinstance(cause, LaunchError):
+            return cause
+        if isinstance(cause, docker.errors.ImageNotFound):
+            return LaunchError("image_missing", f"sandbox image {self.spec.image!r} not found: {cause}")
+        if isinstance(cause, _ENGINE_ERRORS):
+            return LaunchError(_launch_reason(cause), f"could not start the sandbox container: {cause}")
+        return None
 
     def _create(self, sandbox: Sandbox) -> str:
         spec, api = self.spec, self._client.api
@@ -412,21 +414,16 @@ def _close_socket(sock: socket.socket) -> None:
 
 
 def _first_cause(exc: BaseException) -> BaseException:
-    """What to report of a task group's failure (the image lookup, the volume, or both)."""
+    """What to report of a task group's failure (the image lookup, the volume, or both): a
+    LaunchError first, then an engine error; the group itself when it holds neither."""
     if not isinstance(exc, BaseExceptionGroup):
         return exc
-    leaves = []
-    stack: list[BaseException] = [exc]
-    while stack:
-        current = stack.pop(0)
-        if isinstance(current, BaseExceptionGroup):
-            stack.extend(current.exceptions)
-        else:
-            leaves.append(current)
     for kind in (LaunchError, *_ENGINE_ERRORS):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
+        found: BaseException | None = exc.subgroup(kind)
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        if found is not None:
+            return found
     return exc
 
 
