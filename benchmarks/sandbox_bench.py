@@ -6,12 +6,14 @@ Runs against the local control plane (in this process) with real containers and 
    `EnvironmentWorker.handle_item()` in this process (no isolation: the floor), a naive
    `docker run` per item (what a `--on-work` script does), `sandboxd run` cold, warm, and cold
    under gVisor; then where sandboxd's time goes (its log and the engine's events);
-2. a burst of sessions at a fixed width: `sandboxd drain` vs naive parallel `docker run`;
+2. a burst of sessions at a fixed width: `sandboxd drain` vs `naive_worker.py` (the SDK poller and
+   a `docker run` per item), both timed from process start to exit, in rounds (medians);
 3. the idle daemon's CPU and RSS (pool of 1 and of 0) and an idle pool member's memory.
 Every table carries the machine and the load average; a summary for the README comes last.
 Nothing is asserted: the targets are printed next to the figures.
 
-    python benchmarks/sandbox_bench.py [--sessions 5] [--burst 24] [--width 4] [--idle-seconds 30]
+    python benchmarks/sandbox_bench.py [--sessions 5] [--burst 24] [--width 4] [--burst-runs 2]
+                                       [--idle-seconds 30] [--skip gvisor|burst|idle|diagnostics]
 """
 
 from __future__ import annotations
