@@ -46,7 +46,7 @@ from anthropic.lib.environments import EnvironmentWorker
 from naive_worker import naive_item  # benchmarks/ is on sys.path when this file is run
 from prometheus_client.parser import text_string_to_metric_families
 
-from sandboxd.broker import ApiBroker
+from sandboxd.network.broker import ApiBroker
 from sandboxd.controlplane.scenario import Expect, Scenario, ScriptedSession, ToolStep
 from sandboxd.controlplane.server import ControlPlane
 from sandboxd.protocol import Assignment, workspace_ready_line

@@ -13,7 +13,6 @@ from contextlib import AsyncExitStack
 
 import anyio
 
-from .channels import Channels
 from .containers import DockerBackend, SandboxSpec
 from .daemon import Daemon, Summary
 from .errors import EngineError
@@ -21,6 +20,7 @@ from .exporter import collecting
 from .health import HealthState, serving
 from .lifecycle import Lifecycle, LifecycleLimits
 from .metrics import Metrics
+from .network.channels import Channels
 from .notify import Notifier
 from .pool import WarmPool
 from .queue import WorkQueue

@@ -35,8 +35,8 @@ from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
 from anthropic.lib.tools.agent_toolset import AgentToolContext, beta_agent_toolset_20260401
 
+from .network.relay import relay
 from .protocol import ABORT, ASSIGNMENT, WORKSPACE_READY, Assignment, Event, ExitCode, event_line, parse_line
-from .relay import relay
 from .transport import hooked_http_client, route
 
 log = logging.getLogger("sandboxd.sandbox")

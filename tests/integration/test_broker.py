@@ -25,7 +25,7 @@ import anyio
 import httpx2
 import pytest
 
-from sandboxd.broker import ApiBroker, api_target
+from sandboxd.network.broker import ApiBroker, api_target
 
 pytestmark = pytest.mark.anyio
 

@@ -29,8 +29,8 @@ from typing import Any
 import anyio
 import pytest
 
-from sandboxd.allowlist import EgressPolicy
-from sandboxd.egress import Decision, EgressProxy
+from sandboxd.network.allowlist import EgressPolicy
+from sandboxd.network.egress import Decision, EgressProxy
 from tests.integration.conftest import GitFixture
 from tests.integration.git_server import GIT_ENV
 from tests.integration.test_broker import _Server, make_socket_dir, port_of, serve_api
@@ -279,7 +279,7 @@ async def test_pip_to_an_index_not_listed_is_refused(package_index: int, tmp_pat
 SANDBOX_GIT = """
 import json, sys
 import anyio
-from sandboxd.relay import relay
+from sandboxd.network.relay import relay
 
 allowed, refused = sys.argv[1], sys.argv[2]
 env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "GIT_CONFIG_NOSYSTEM": "1", "GIT_TERMINAL_PROMPT": "0"}

@@ -14,9 +14,9 @@ import anyio
 import anyio.abc
 import pytest
 
-from sandboxd.addresses import refusal
-from sandboxd.allowlist import EgressPolicy, Rule
-from sandboxd.egress import BadRequest, Decision, EgressGate, EgressProxy, parse_request
+from sandboxd.network.addresses import refusal
+from sandboxd.network.allowlist import EgressPolicy, Rule
+from sandboxd.network.egress import BadRequest, Decision, EgressGate, EgressProxy, parse_request
 
 pytestmark = pytest.mark.anyio
 
@@ -292,7 +292,7 @@ async def test_a_name_that_does_not_resolve_is_refused_with_502() -> None:
 
 
 async def test_every_decision_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="sandboxd.egress")
+    caplog.set_level(logging.INFO, logger="sandboxd.network.egress")
     await gate(["ok.example.com"], FakeResolver(["8.8.8.8"])).decide("ok.example.com", 443)
     await gate(["ok.example.com"], FakeResolver(["8.8.8.8"])).decide("no.example.com", 80)
     await gate([], FakeResolver(["10.0.0.1"]), audit=True).decide("au.example.com", 443)

@@ -18,11 +18,11 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from ..errors import ConfigError
+from ..metrics import Metrics
 from .allowlist import EgressPolicy
 from .broker import ApiBroker
 from .egress import Decision, EgressProxy
-from .errors import ConfigError
-from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
