@@ -1,9 +1,9 @@
 """The local control plane against the real, unmodified anthropic SDK over real HTTP on 127.0.0.1.
 
 Covers the worker end to end (six tools, skills, sessions token), the run loop (healthcheck
-items, the environment-key fallback), credentials per route, stop conflicts, heartbeat
-optimistic concurrency, lease expiry and reclaim, outages, the wire format details the SDK
-depends on, and the `python -m sandboxd.controlplane` entry point.
+items, the environment-key fallback), credentials per route, stop conflicts, graceful and forced
+stops, heartbeat optimistic concurrency, lease expiry and reclaim, outages, the wire format details
+the SDK depends on, and the `python -m sandboxd.controlplane` entry point.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from sandboxd.controlplane import (
     ToolStep,
     six_tool_session,
 )
+from sandboxd.protocol import sessions_token_from_secret
 
 BETA = {"anthropic-beta": "managed-agents-2026-04-01"}
 
@@ -69,10 +70,8 @@ def bearer(cp: ControlPlane, token: str, **options: Any) -> AsyncAnthropic:
 
 
 def token_of(work: BetaSelfHostedWork) -> str:
-    """The sessions token inside a work item's secret (the SDK's own decoder)."""
-    from anthropic.lib.environments._worker import _sessions_token_from_secret
-
-    token = _sessions_token_from_secret(work.secret)
+    """The sessions token inside a work item's secret (the daemon's decoder, which mirrors the SDK's)."""
+    token = sessions_token_from_secret(work.secret)
     assert token is not None
     return token
 
@@ -143,8 +142,10 @@ async def test_run_loop_stops_healthchecks_and_falls_back_to_the_environment_key
             tg.start_soon(worker.run)
             state = await wait_until(plane, lambda s: all(w["state"] == "stopped" for w in s["work"].values()))
             tg.cancel_scope.cancel()
-    assert state["work"][check_id]["stops"] == [{"credential": "environment_key", "force": True}]
-    assert state["work"][check_id]["heartbeats"] == 0
+    # The worker claims a healthcheck item with one heartbeat (the lease is its own), runs nothing, force-stops it.
+    check = state["work"][check_id]
+    assert check["stops"] == [{"credential": "environment_key", "force": True}]
+    assert (check["heartbeats"], check["heartbeat_credentials"]) == (1, ["environment_key"])
     item, record = state["work"][work_id], state["sessions"][session_id]
     assert item["stops"] == [{"credential": "environment_key", "force": True}]
     assert item["heartbeat_credentials"] == ["environment_key"]
@@ -179,11 +180,73 @@ async def test_terminated_sessions_garbage_secrets_and_failed_expectations(plane
 @pytest.mark.anyio
 async def test_poller_yields_healthcheck_items_and_auto_stops_them(plane: ControlPlane) -> None:
     check_id = plane.add_healthcheck()
+    session_id, work_id = plane.add_session(ScriptedSession())
     async with AsyncAnthropic(base_url=plane.url, api_key="unused") as client:
-        (work,) = await claim_all(client, plane, auto_stop=True)
-    assert (work.id, work.data.type, work.secret) == (check_id, "healthcheck", None)
-    item = plane.state_snapshot()["work"][check_id]
-    assert item["stops"] == [{"credential": "environment_key", "force": False}] and item["claims"] == 1
+        check, work = await claim_all(client, plane, auto_stop=True)
+    assert (check.id, check.data.type, check.secret) == (check_id, "healthcheck", None)
+    assert (work.id, work.data.id) == (work_id, session_id)
+    state = plane.state_snapshot()["work"]
+    # Auto-stop force-stops each item on its own sessions token, on the environment key when it has none.
+    assert state[check_id]["stops"] == [{"credential": "environment_key", "force": True}]
+    assert state[work_id]["stops"] == [{"credential": "sessions_token", "force": True}]
+    assert [s["helper"] for s in state[work_id]["stop_log"]] == ["environments-work-poller"]
+    assert state[check_id]["claims"] == state[work_id]["claims"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_stop_without_force_is_a_graceful_shutdown_of_a_held_item(plane: ControlPlane) -> None:
+    _, held_id = plane.add_session(ScriptedSession())
+    _, queued_id = plane.add_session(ScriptedSession())
+    env = plane.environment_id
+    async with bearer(plane, plane.environment_key) as env_client:
+        held = await env_client.beta.environments.work.poll(env)
+        assert held is not None and held.id == held_id
+        await env_client.beta.environments.work.ack(held_id, environment_id=env)
+        async with bearer(plane, token_of(held)) as client:
+            work = client.beta.environments.work
+            first = await work.heartbeat(held_id, environment_id=env, expected_last_heartbeat="NO_HEARTBEAT")
+            asked = await env_client.beta.environments.work.stop(held_id, environment_id=env, force=False)
+            assert (asked.state, asked.stopped_at) == ("stopping", None) and asked.stop_requested_at
+            told = await work.heartbeat(held_id, environment_id=env, expected_last_heartbeat=first.last_heartbeat)
+            assert (told.state, told.lease_extended) == ("stopping", False)
+            stopped = await work.stop(held_id, environment_id=env, force=True)
+            assert stopped.state == "stopped" and stopped.stopped_at
+        # Nobody holds a queued item: a stop without force stops it at once.
+        unheld = await env_client.beta.environments.work.stop(queued_id, environment_id=env)
+        assert unheld.state == "stopped"
+    state = plane.state_snapshot()
+    item = state["work"][held_id]
+    assert [(s["by"], s["force"], s["result"]) for s in item["stop_log"]] == [
+        ("environment_key", False, "stopping"),
+        ("sessions_token", True, "stopped"),
+    ]
+    assert item["stops"] == [{"credential": "sessions_token", "force": True}] and item["times_stopped"] == 1
+    assert state["work"][queued_id]["stops"] == [{"credential": "environment_key", "force": False}]
+    assert state["stop_summary"]["stopped_once"] == 2
+
+
+@pytest.mark.anyio
+async def test_the_sdk_worker_shuts_down_on_a_graceful_stop(plane: ControlPlane, tmp_path: Path) -> None:
+    session_id, work_id = plane.add_session(ScriptedSession(steps=[ToolStep(name="bash")], end="idle"))
+    async with AsyncAnthropic(base_url=plane.url, api_key="unused") as client:
+        (work,) = await claim_all(client, plane)
+        worker = EnvironmentWorker(client, workdir=tmp_path, max_idle=60)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                lambda: worker.handle_item(
+                    work_id=work.id, environment_id=work.environment_id, session_id=session_id, work_secret=work.secret
+                )
+            )
+            await wait_until(plane, lambda s: s["sessions"][session_id]["done"])
+            async with bearer(plane, plane.environment_key) as env_client:
+                await env_client.beta.environments.work.stop(work_id, environment_id=plane.environment_id)
+            # The worker's next heartbeat (every ttl/2 = 1.5 s) says the lease was not extended.
+            await wait_until(plane, lambda s: s["work"][work_id]["state"] == "stopped")
+    item = plane.state_snapshot()["work"][work_id]
+    assert [(s["by"], s["force"], s["result"]) for s in item["stop_log"]] == [
+        ("environment_key", False, "stopping"),
+        ("sessions_token", True, "stopped"),
+    ]
 
 
 @pytest.mark.anyio
@@ -276,7 +339,7 @@ async def test_heartbeat_optimistic_concurrency(plane: ControlPlane) -> None:
             assert second.last_heartbeat > first.last_heartbeat
             plane.request_stop(work_id)
             stopping = await work.heartbeat(work_id, environment_id=env, expected_last_heartbeat="anything")
-            assert stopping.state == "stopping"
+            assert (stopping.state, stopping.lease_extended) == ("stopping", False)
     assert stale.value.status_code == 412
     assert stale.value.body == {
         "type": "error",

@@ -165,7 +165,7 @@ class ControlPlaneState:
 
         An item stopped mid-turn (tool calls pending) ends its session's script there."""
         record = self._sessions.get(item.session_id) if item.session_id else None
-        if record is not None and record.work_id == item.id and record.next_turn_due:
+        if item.state == "stopped" and record is not None and record.work_id == item.id and record.next_turn_due:
             record.advance(self._new_item(record.spec).id)
 
     def _check_environment(self, environment_id: str) -> None:
@@ -329,9 +329,10 @@ class ControlPlaneState:
         polls, claims (acks), heartbeats (successful), heartbeat_412s, heartbeat_errors (scripted
         statuses), lease_expiries, lease_revocations, heartbeat_credentials, stops [{credential,
         force}] (the one stop that took effect), stop_conflicts (409s), stop_log [{by, helper,
-        force, result: stopped|conflict, at}] (every stop call, and a lease expiry that ended a
-        `stopping` item, by "lease_expiry") and times_stopped (the entries that took effect: a
-        refused 409 is not a stop).
+        force, result: stopped|stopping|conflict, at}] (every stop call — `stopping` for a graceful
+        stop of a held item —, and a lease expiry that ended a `stopping` item, by "lease_expiry")
+        and times_stopped (the entries that stopped the item: a refused 409 is not a stop, nor is a
+        graceful request).
         `sessions`: {session_id: `SessionRecord.snapshot()`} — work_id (current turn's item),
         work_ids (one per turn served so far), status, steps (all turns), results [{tool_use_id,
         name, is_error, text, passed, reason}] (all turns), duplicates, done (every result of every

@@ -6,6 +6,11 @@ reclaim of polled-but-unacked items, lease expiry back to the queue, the
 heartbeat optimistic concurrency (412 body), the stop log (every stop call,
 by whom, so "stopped exactly once" is checkable), a revoked lease (the item
 goes back to the queue; its holder's next heartbeat is 412) and the queue stats.
+
+Stop is the API's "graceful or forced shutdown": `force` stops the item at once;
+without it a held item becomes `stopping`, and its holder learns that from its
+next heartbeat (`lease_extended: false`, the SDK's shutdown signal) and then
+force-stops it, or the lease runs out. An item nobody holds stops at once either way.
 """
 
 from __future__ import annotations
@@ -60,8 +65,8 @@ class WorkItem:
 
     @property
     def times_stopped(self) -> int:
-        """Stops that took effect (a 409 refused a redundant one: the item was already stopped)."""
-        return sum(1 for s in self.stop_log if s["result"] != "conflict")
+        """Stops that stopped the item (a 409 refused a redundant one; a graceful one only asked)."""
+        return sum(1 for s in self.stop_log if s["result"] == "stopped")
 
     def log_stop(self, by: str, force: bool, result: str, helper: str | None = None) -> None:
         self.stop_log.append({"by": by, "helper": helper, "force": force, "result": result, "at": now_rfc3339()})
@@ -230,27 +235,35 @@ class WorkQueue:
         stamp = unique_rfc3339()
         if item.state == "starting":
             item.state, item.started_at = "active", stamp
+        # A stopping item's lease is not extended: that is how its holder learns to shut down.
+        extended = item.state != "stopping"
         item.last_heartbeat = item.latest_heartbeat_at = stamp
-        item.lease_deadline = monotonic() + ttl
+        if extended:
+            item.lease_deadline = monotonic() + ttl
         item.heartbeats += 1
         item.heartbeat_credentials.add(credential)
         return {
             "type": "work_heartbeat",
             "last_heartbeat": stamp,
-            "lease_extended": True,
+            "lease_extended": extended,
             "state": item.state,
             "ttl_seconds": ttl,
         }
 
     def stop(self, item: WorkItem, credential: str, force: bool, helper: str | None = None) -> WorkItem:
-        """Stop the item (any state but stopped); a second stop is 409, never retried.
+        """Stop the item (any state but stopped); a stop of a stopped item is 409, never retried.
 
-        Both land in `stop_log`, `by` the credential kind; `helper` is the SDK's
+        Without `force` a held item only becomes `stopping` (graceful shutdown, see above).
+        Every call lands in `stop_log`, `by` the credential kind; `helper` is the SDK's
         `x-stainless-helper` (`environments-worker` for a worker's stop, none for a direct call)."""
         if item.state == "stopped":
             item.stop_conflicts += 1
             item.log_stop(credential, force, "conflict", helper)
             raise ApiError(409, f"work item {item.id} is already stopped", headers={"x-should-retry": "false"})
+        if not force and item.state in HELD_STATES:
+            item.state, item.stop_requested_at = "stopping", item.stop_requested_at or now_rfc3339()
+            item.log_stop(credential, force, "stopping", helper)
+            return item
         stamp = now_rfc3339()
         item.state, item.stopped_at = "stopped", stamp
         item.stop_requested_at = item.stop_requested_at or stamp
