@@ -40,7 +40,7 @@ def channels(settings: Settings) -> Channels | None:
     return Channels.build(
         network_mode=settings.network_mode,
         socket_dir=settings.socket_dir or settings.state_dir / "run",
-        base_url=settings.effective_sandbox_base_url,
+        base_url=settings.base_url,
         allowed_hosts=settings.egress_allowed_hosts,
         audit=settings.egress_audit,
     )
@@ -61,7 +61,7 @@ def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> Sandbo
         runtime=settings.runtime,
         instance=instance_name(settings),
         extra_env=ways_out.sandbox_env() if ways_out else {},
-        bind_mounts=ways_out.bind_mounts() if ways_out else {},
+        channel_dir=str(ways_out.socket_dir) if ways_out else None,
     )
 
 
@@ -144,7 +144,7 @@ async def run_daemon(
             await stack.enter_async_context(collecting(settings, metrics.queue))
             async with anyio.create_task_group() as tg:
                 if ways_out is not None:
-                    await tg.start(ways_out.serve, metrics, name="channels")
+                    lifecycle.doors = await tg.start(ways_out.serve, metrics, name="channels")
                 if retention is not None:
                     tg.start_soon(retention.sweep_forever, name="workspace store sweep")
                 summary = await daemon.run(drain=drain)

@@ -27,7 +27,7 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 
 from .errors import EngineError, LaunchError
 from .sandbox import (
@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException)
+SANDBOX_SOCKET_DIR = "/run/sandboxd"
+LOG_LIMITS = {"max-size": "8m", "max-file": "2"}  # 16 MB of a sandbox's output at most, per sandbox
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,10 @@ class SandboxSpec:
     runtime: str | None = None
     instance: str = "sandboxd"
     extra_env: Mapping[str, str] = field(default_factory=dict)
-    # Host directory -> container path, read-only (the broker's socket directory).
+    # Host directory -> container path, read-only.
     bind_mounts: Mapping[str, str] = field(default_factory=dict)
+    # The channels' socket directory: `<channel_dir>/<sandbox name>` is mounted read-only at /run/sandboxd.
+    channel_dir: str | None = None
 
 
 class DockerBackend:
@@ -119,14 +123,19 @@ class DockerBackend:
         except docker.errors.DockerException as exc:
             raise LaunchError("image_missing", f"sandbox image {image!r} could not be pulled: {exc}") from exc
 
-    async def create(self, *, image_id: str | None = None) -> Sandbox:
+    @staticmethod
+    def new_sandbox() -> Sandbox:
+        """A name for a sandbox about to be created (its channels are opened under that name first)."""
+        return Sandbox(container_id="", name=f"sandboxd-{uuid.uuid4().hex[:16]}", created_at=time.time())
+
+    async def create(self, sandbox: Sandbox | None = None, *, image_id: str | None = None) -> Sandbox:
         """Create the workspace volume and the hardened container, start it and open its stdin.
 
         What the image resolves to is looked up while the volume is created (neither needs the
         other). The sandbox holds no work and no secret until `assign`. Raises LaunchError with a
         bounded reason; whatever was created is removed first (also on cancellation).
         """
-        sandbox = Sandbox(container_id="", name=f"sandboxd-{uuid.uuid4().hex[:16]}", created_at=time.time())
+        sandbox = sandbox or self.new_sandbox()
         try:
             async with anyio.create_task_group() as tg:
                 if image_id is None:
@@ -166,6 +175,9 @@ class DockerBackend:
         mounts = [Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
         mounts += [Mount(target=target, source=source, type="bind", read_only=True)
                    for source, target in spec.bind_mounts.items()]
+        if spec.channel_dir is not None:
+            mounts.append(Mount(target=SANDBOX_SOCKET_DIR, source=f"{spec.channel_dir}/{sandbox.name}",
+                                type="bind", read_only=True))
         host_config = api.create_host_config(
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size},mode=1777"},
@@ -180,6 +192,8 @@ class DockerBackend:
             ipc_mode="private",
             network_mode=spec.network_mode,
             runtime=spec.runtime,
+            # Whatever a tool writes to PID 1's stdout or stderr lands here: bounded on the engine's disk.
+            log_config=LogConfig(type="json-file", config=LOG_LIMITS),
         )
         labels = self._labels(sandbox.name, **{LABEL_IMAGE_ID: sandbox.image_id,
                                                LABEL_CREATED: f"{sandbox.created_at:.3f}"})
@@ -264,17 +278,17 @@ class DockerBackend:
         return status, oom
 
     async def events(self, sandbox: Sandbox) -> AsyncIterator[bytes]:
-        """The sandbox's stdout lines from its start, following until it exits (see protocol)."""
-        send, receive = anyio.create_memory_object_stream[bytes](256)
+        """The sandbox's stdout from its start, in chunks as the engine sends them, following until it exits.
+
+        Chunks, not lines: splitting is the reader's job (`protocol.LineSplitter`), within bounds.
+        """
+        send, receive = anyio.create_memory_object_stream[bytes](64)
         container_id = sandbox.container_id
 
         def follow() -> None:
-            buffered = b""
             try:
                 for chunk in self._client.api.logs(container_id, stdout=True, stderr=False, stream=True, follow=True):
-                    *lines, buffered = (buffered + chunk).split(b"\n")
-                    for line in lines:
-                        anyio.from_thread.run(send.send, line)
+                    anyio.from_thread.run(send.send, chunk)
             except (*_ENGINE_ERRORS, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
                 pass  # the container is gone, or nobody listens any more
             finally:
@@ -284,8 +298,8 @@ class DockerBackend:
         async with anyio.create_task_group() as tg:
             tg.start_soon(partial(anyio.to_thread.run_sync, follow, limiter=self._waits, abandon_on_cancel=True))
             with receive:
-                async for line in receive:
-                    yield line
+                async for chunk in receive:
+                    yield chunk
             tg.cancel_scope.cancel()
 
     async def stop(self, sandbox: Sandbox, timeout_seconds: float) -> None:

@@ -267,7 +267,7 @@ class Daemon:
                 self._overdraft += 1
             self._running += 1
             self.summary.adopted += 1
-            tracked = self._lifecycle.track(sandbox, adopted=True)
+            tracked = await self._lifecycle.adopt(sandbox, self._supervisor.adoption_grant(sandbox))
             sessions.start_soon(self._serve_adopted, tracked, name=f"adopted {sandbox.record.item.work_id}")
         self._metrics.sessions_running.set(self._running)
 

@@ -55,7 +55,8 @@ class _ItemWatch:
 
     def __init__(self) -> None:
         self.end: ExitCode | None = None
-        self.stopped = False
+        self.stopped = False  # the worker's stop was accepted (or the item was already stopped: 409)
+        self.lease_lost = False  # a heartbeat met 412: another worker holds the item
 
     def record(self, code: ExitCode) -> None:
         if self.end is None:
@@ -70,12 +71,12 @@ class _ItemWatch:
         if kind == "heartbeat" and response.is_success:
             emit(Event.HEARTBEAT)
         elif kind == "heartbeat" and response.status_code == 412:
+            self.lease_lost = True
             self.record(ExitCode.LEASE_LOST)
         elif kind == "heartbeat" and 400 <= response.status_code < 500 and response.status_code not in (408, 429):
             self.record(ExitCode.HEARTBEAT_REJECTED)
         elif kind == "stop" and (response.is_success or response.status_code == 409):
             self.stopped = True
-            emit(Event.STOPPED)
 
 
 def observed_tools(ctx: AgentToolContext) -> Sequence[Any]:
@@ -193,10 +194,17 @@ class ItemServer:
         return self._exit_code(error)
 
     def _exit_code(self, error: BaseException | None) -> ExitCode:
-        if error is not None:
-            self.watch.record(ExitCode.FAILED if self.watch.stopped else ExitCode.ERROR)
+        """The end reason, claimed only when the worker's stop was accepted (or the lease met 412).
+
+        Whatever the SDK version does when a lease ends (2.17 stops nothing after a refused
+        heartbeat), an item this process did not see stopped exits UNSTOPPED: the daemon stops it.
+        """
+        if self.watch.lease_lost:
+            return ExitCode.LEASE_LOST
         if not self.watch.stopped:
-            self.watch.record(ExitCode.LEASE_LOST)  # no stop was sent: the SDK judged the lease gone
+            return ExitCode.UNSTOPPED
+        if error is not None:
+            self.watch.record(ExitCode.FAILED)
         self.watch.record(ExitCode.SERVED)
         assert self.watch.end is not None
         return self.watch.end

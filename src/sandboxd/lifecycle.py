@@ -22,11 +22,14 @@ import anyio.abc
 
 from .containers import DockerBackend
 from .metrics import Metrics
+from .network.broker import Door, Grant, Traffic
 from .outcome import Outcome
-from .protocol import Event, parse_event
+from .protocol import Dropped, Event, LineSplitter, SandboxEvent, parse_event
 from .sandbox import Sandbox
+from .settlement import Evidence
 
 if TYPE_CHECKING:
+    from .network.channels import SandboxDoors
     from .pool import WarmPool
 
 log = logging.getLogger(__name__)
@@ -46,39 +49,58 @@ class LifecycleLimits:
 
 @dataclass
 class Activity:
-    """What a sandbox's events said: readiness, heartbeats, the tool call in flight."""
+    """What the daemon knows of a sandbox's session: readiness, heartbeats, the tool call in flight.
+
+    Two sources, trusted differently. The broker's observations of the worker's own API calls
+    (`observe`) are facts: the item's fate is decided from them. The sandbox's stdout events
+    (`feed`) can be forged by any tool, so they only move metrics and stall hints, and they mark
+    the first heartbeat only when there is no broker to see it.
+    """
 
     ready: anyio.Event = field(default_factory=anyio.Event)
     heartbeat: anyio.Event = field(default_factory=anyio.Event)  # the first accepted heartbeat
-    last_event: float = field(default_factory=time.time)  # wall clock, from the events' own `t`
+    last_event: float = field(default_factory=time.time)  # wall clock
     first_heartbeat: float | None = None
     tool: str | None = None
     tool_started: float | None = None
-    item_stopped: bool = False  # the sandbox's worker stopped its item
+    brokered: bool = False  # the API traffic goes through this daemon's broker: only it says what happened
+    item_stopped: bool = False  # seen by the broker: the worker's stop was accepted (or already done)
+    lease_lost: bool = False  # seen by the broker: a heartbeat met 412
     stalled: str = ""  # why, when the session looks stuck
 
-    def feed(self, event: dict[str, object], metrics: Metrics | None) -> None:
-        at = float(event["t"])  # type: ignore[arg-type]
-        self.last_event = max(self.last_event, at)
-        kind = event["event"]
-        if kind == Event.READY:
-            self.ready.set()
-        elif kind == Event.HEARTBEAT and self.first_heartbeat is None:
+    def observe(self, traffic: Traffic) -> None:
+        """The broker saw one of the worker's calls answered."""
+        now = time.time()
+        self.last_event = max(self.last_event, now)
+        if traffic is Traffic.HEARTBEAT_OK:
+            self._heartbeat(now)
+        elif traffic is Traffic.STOPPED:
+            self.item_stopped = True
+        elif traffic is Traffic.LEASE_LOST:
+            self.lease_lost = True
+
+    def _heartbeat(self, at: float) -> None:
+        if self.first_heartbeat is None:
             self.first_heartbeat = at
             self.heartbeat.set()
-        elif kind == Event.STOPPED:
-            self.item_stopped = True
-        elif kind == Event.TOOL_START:
-            self.tool, self.tool_started = str(event.get("tool") or "unknown"), at
-        elif kind == Event.TOOL_END:
+
+    def feed(self, event: SandboxEvent, metrics: Metrics | None) -> None:
+        """One (advisory) stdout event: a forged one misleads only this sandbox's own metrics and stall flag."""
+        at = event.at
+        self.last_event = max(self.last_event, at)
+        if event.kind is Event.READY:
+            self.ready.set()
+        elif event.kind is Event.HEARTBEAT and not self.brokered:
+            self._heartbeat(at)
+        elif event.kind is Event.TOOL_START:
+            self.tool, self.tool_started = event.tool or "unknown", at
+        elif event.kind is Event.TOOL_END:
             self.tool = self.tool_started = None
             if metrics is not None:
-                tool = metrics.tool_label(str(event.get("tool") or ""))
-                outcome = "ok" if event.get("outcome") == "ok" else "error"
-                metrics.tool_calls.labels(tool, outcome).inc()
-                seconds = event.get("seconds")
-                if isinstance(seconds, int | float):
-                    metrics.tool_duration.labels(tool).observe(seconds)
+                tool = metrics.tool_label(event.tool)
+                metrics.tool_calls.labels(tool, "ok" if event.ok else "error").inc()
+                if event.seconds is not None:
+                    metrics.tool_duration.labels(tool).observe(event.seconds)
 
 
 @dataclass
@@ -97,6 +119,7 @@ class Tracked:
     adopted_at: float = 0.0  # wall clock; events before it are replays (no metrics)
     from_pool: bool = False
     workspace_ready: bool = False  # delivered (or adopted): worth keeping for the session's next item
+    door: Door | None = None  # its broker's view of it (None: no broker, network_mode other than none)
     _claim: tuple[str, float, Metrics] | None = None
 
     def claimed(self, source: str, at: float, metrics: Metrics) -> None:
@@ -110,6 +133,17 @@ class Tracked:
             source, at, metrics = self._claim
             metrics.claim_to_first_heartbeat.labels(source).observe(max(0.0, self.activity.first_heartbeat - at))
             self._claim = None
+
+    def observe(self, traffic: Traffic) -> None:
+        self.activity.observe(traffic)
+        if traffic is Traffic.HEARTBEAT_OK:
+            self.observe_first_heartbeat()
+
+    def evidence(self) -> Evidence | None:
+        """What the broker saw of the item, for the settlement; None when there is no broker."""
+        if self.door is None:
+            return None
+        return Evidence(stopped=self.activity.item_stopped, lease_lost=self.activity.lease_lost)
 
     def request_stop(self, outcome: Outcome, reason: str) -> None:
         """Ask the session's supervisor to stop this sandbox, ending the session with `outcome`."""
@@ -130,6 +164,33 @@ class Lifecycle:
         self._tg: anyio.abc.TaskGroup | None = None
         self.on_stalled: Callable[[int], None] = lambda count: None
         self.pool: WarmPool | None = None
+        self.doors: SandboxDoors | None = None  # each sandbox's broker and proxy sockets (network_mode none)
+
+    async def create(self, *, image_id: str | None = None) -> Tracked:
+        """A new sandbox, its sockets served before its container starts (it bind-mounts their directory)."""
+        tracked = Tracked(self.backend.new_sandbox())
+        await self._open_door(tracked, None)
+        try:
+            await self.backend.create(tracked.sandbox, image_id=image_id)
+        except BaseException:
+            self._close_door(tracked)
+            raise
+        return self._watch(tracked)
+
+    async def adopt(self, sandbox: Sandbox, grant: Grant | None) -> Tracked:
+        """Watch a sandbox an earlier daemon left running; its worker's calls are served under `grant`."""
+        tracked = Tracked(sandbox, adopted_at=time.time(), workspace_ready=True)
+        await self._open_door(tracked, grant)
+        return self._watch(tracked)
+
+    async def _open_door(self, tracked: Tracked, grant: Grant | None) -> None:
+        if self.doors is not None:
+            tracked.door = await self.doors.open(tracked.sandbox.name, grant, tracked.observe)
+            tracked.activity.brokered = True
+
+    def _close_door(self, tracked: Tracked) -> None:
+        if self.doors is not None:
+            self.doors.close(tracked.sandbox.name)
 
     async def acquire(self) -> Tracked:
         """A sandbox for a claimed item: a ready pool member if there is one, else a cold start."""
@@ -139,7 +200,7 @@ class Lifecycle:
             if member is not None:
                 member.from_pool = True
                 return member
-        return self.track(await self.backend.create())
+        return await self.create()
 
     def refill_pool(self) -> None:
         """A pool member was taken and its session is under way: make a new one."""
@@ -156,13 +217,12 @@ class Lifecycle:
             task_status.started()
             await anyio.sleep_forever()
 
-    def track(self, sandbox: Sandbox, *, adopted: bool = False) -> Tracked:
+    def _watch(self, tracked: Tracked) -> Tracked:
         """Start watching a sandbox: its exit and its event stream."""
         assert self._tg is not None, "Lifecycle.run must be started first"
-        tracked = Tracked(sandbox, adopted_at=time.time() if adopted else 0.0, workspace_ready=adopted)
-        self._tracked[sandbox.name] = tracked
-        self._tg.start_soon(self._wait_exit, tracked, name=f"wait {sandbox.name}")
-        self._tg.start_soon(self._follow, tracked, name=f"events {sandbox.name}")
+        self._tracked[tracked.sandbox.name] = tracked
+        self._tg.start_soon(self._wait_exit, tracked, name=f"wait {tracked.sandbox.name}")
+        self._tg.start_soon(self._follow, tracked, name=f"events {tracked.sandbox.name}")
         return tracked
 
     def assigned(self) -> list[Tracked]:
@@ -177,13 +237,17 @@ class Lifecycle:
         tracked.exited.set()
 
     async def _follow(self, tracked: Tracked) -> None:
+        """Read the sandbox's stdout: hostile input, parsed in bounded lines, dropped lines counted."""
+        splitter = LineSplitter()
         try:
-            async for raw in self.backend.events(tracked.sandbox):
-                event = parse_event(raw)
-                if event is not None:
-                    live = float(event["t"]) >= tracked.adopted_at
-                    tracked.activity.feed(event, self._metrics if live else None)
-                    if event["event"] == Event.HEARTBEAT:
+            async for chunk in self.backend.events(tracked.sandbox):
+                for line in splitter.feed(chunk):
+                    event = line if isinstance(line, Dropped) else parse_event(line)
+                    if isinstance(event, Dropped):
+                        self._metrics.sandbox_output_dropped.labels(event.value).inc()
+                        continue
+                    tracked.activity.feed(event, self._metrics if event.at >= tracked.adopted_at else None)
+                    if event.kind is Event.HEARTBEAT:
                         tracked.observe_first_heartbeat()
         finally:
             tracked.events_done.set()
@@ -211,6 +275,7 @@ class Lifecycle:
             if not await self.backend.remove(tracked.sandbox):
                 log.warning("sandbox_removal_deferred container=%s; retrying", tracked.sandbox.name)
                 self._unremoved[tracked.sandbox.name] = tracked.sandbox
+        self._close_door(tracked)
         self._tracked.pop(tracked.sandbox.name, None)
 
     async def _retry_removals(self) -> None:
@@ -223,7 +288,9 @@ class Lifecycle:
                     del self._unremoved[name]
 
     def forget(self, tracked: Tracked) -> None:
-        """Stop accounting for a sandbox left running for the next daemon."""
+        """Stop accounting for a sandbox left running for the next daemon (its socket directory stays)."""
+        if self.doors is not None:
+            self.doors.leave(tracked.sandbox.name)
         self._tracked.pop(tracked.sandbox.name, None)
 
     async def _watch_disk(self) -> None:

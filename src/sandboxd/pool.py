@@ -122,12 +122,12 @@ class WarmPool:
         self._starting += 1
         try:
             try:
-                sandbox = await self._lifecycle.backend.create(image_id=self._image_id)
+                member = await self._lifecycle.create(image_id=self._image_id)
             except LaunchError as exc:
                 self._metrics.pool_creations.labels("failed").inc()
                 log.warning("pool_create_failed reason=%s error=%s", exc.reason, exc)
                 return False
-            member = self._lifecycle.track(sandbox)
+            sandbox = member.sandbox
             try:
                 with anyio.move_on_after(READY_TIMEOUT_SECONDS):
                     await first_of(member.activity.ready, member.exited)

@@ -20,7 +20,11 @@ restart (it re-reads the whole stream, so the state it derives is the same for a
     {"event": "heartbeat", "t": ..., "first": true}     a heartbeat was accepted (first: the lease is ours)
     {"event": "tool_start", "t": ..., "tool": "bash"}
     {"event": "tool_end", "t": ..., "tool": "bash", "outcome": "ok", "seconds": 0.4}
-    {"event": "stopped", "t": ...}                      the worker stopped its item: never stop it again
+
+Tools run as the same user as the worker and can write to this stream too (through
+/proc/1/fd/1), so it is hostile input: `parse_event` is total and bounded, and nothing in it
+decides the fate of the work item. That comes from the API traffic the daemon relays itself (the
+broker, `sandboxd.network.broker`), or, without a broker, from the worker's exit status.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import base64
 import binascii
 import enum
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,11 +49,12 @@ class ExitCode(enum.IntEnum):
     SERVED = 0  # the session ran and the container force-stopped its own item
     ERROR = 1  # a crash before or around the worker (Python's own status): the item may not be stopped
     BAD_ASSIGNMENT = 2  # stdin did not carry a valid assignment; nothing was claimed
-    LEASE_LOST = 3  # a heartbeat met 412 or none succeeded for a TTL: the item belongs to someone else
+    LEASE_LOST = 3  # a heartbeat met 412: the item belongs to someone else
     ABORTED = 4  # the daemon aborted the session (workspace failed); the item was force-stopped
     HEARTBEAT_REJECTED = 5  # the API refused the lease (4xx); the item was force-stopped
     CANCELLED = 6  # SIGTERM (shutdown or max session duration); the item was force-stopped
-    FAILED = 7  # the worker raised, and the item was force-stopped (or its lease was gone)
+    FAILED = 7  # the worker raised, and the item was force-stopped
+    UNSTOPPED = 8  # the worker ended without a stop of its item being accepted: the daemon stops it
 
 
 @dataclass(frozen=True)
@@ -93,30 +99,110 @@ def abort_line(reason: str) -> bytes:
 
 
 class Event(enum.StrEnum):
-    """What a sandbox tells the daemon on its stdout."""
+    """What a sandbox tells the daemon on its stdout: advisory only (metrics, stall hints)."""
 
     READY = "ready"
-    HEARTBEAT = "heartbeat"
+    HEARTBEAT = "heartbeat"  # believed only without a broker (network_mode other than none)
     TOOL_START = "tool_start"
     TOOL_END = "tool_end"
-    STOPPED = "stopped"  # the worker's stop of its item was accepted (or was already done: 409)
+
+
+class Dropped(enum.StrEnum):
+    """Why a stdout line was not taken as an event (the `reason` of sandboxd_sandbox_output_dropped_total)."""
+
+    MALFORMED = "malformed"  # not JSON, or not a JSON object
+    OVERSIZED = "oversized"  # longer than MAX_EVENT_LINE
+    NOT_AN_EVENT = "not_an_event"  # JSON, but not an event this daemon knows, or a field out of bounds
+
+
+MAX_EVENT_LINE = 4096
+_MAX_NAME = 64
+_LATEST_TIME = 1e11  # wall clock seconds: year 5138
+
+
+@dataclass(frozen=True)
+class SandboxEvent:
+    """One event as the daemon takes it: every field typed and bounded."""
+
+    kind: Event
+    at: float  # wall clock, as the sandbox claims it
+    tool: str = ""
+    ok: bool = False
+    seconds: float | None = None
 
 
 def event_line(event: Event, at: float, **fields: Any) -> bytes:
     return _line({EVENT_KEY: event.value, "t": round(at, 3), **fields})
 
 
-def parse_event(raw: bytes) -> dict[str, Any] | None:
-    """One stdout line of a sandbox as an event, or None when it is not one (never raises)."""
+def parse_event(raw: bytes) -> SandboxEvent | Dropped:
+    """One stdout line of a sandbox as an event, or why it is none. Total: never raises, whatever `raw` is."""
+    if len(raw) > MAX_EVENT_LINE:
+        return Dropped.OVERSIZED
     try:
         message = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
+        return Dropped.MALFORMED
+    if not isinstance(message, dict):
+        return Dropped.MALFORMED
+    kind, at = message.get(EVENT_KEY), _number(message.get("t"))
+    if not isinstance(kind, str) or kind not in _EVENTS or at is None or not 0 <= at < _LATEST_TIME:
+        return Dropped.NOT_AN_EVENT
+    tool = message.get("tool")
+    seconds = _number(message.get("seconds"))
+    return SandboxEvent(
+        Event(kind), at,
+        tool=tool if isinstance(tool, str) and len(tool) <= _MAX_NAME else "",
+        ok=message.get("outcome") == "ok",
+        seconds=seconds if seconds is not None and 0 <= seconds < _LATEST_TIME else None,
+    )
+
+
+_EVENTS = frozenset(e.value for e in Event)
+
+
+def _number(value: object) -> float | None:
+    """A finite float from a JSON number (bools and huge integers are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    if not isinstance(message, dict) or message.get(EVENT_KEY) not in set(Event):
+    try:
+        number = float(value)
+    except OverflowError:
         return None
-    if not isinstance(message.get("t"), int | float):
-        return None
-    return message
+    return number if math.isfinite(number) else None
+
+
+class LineSplitter:
+    """Splits a byte stream into lines of at most MAX_EVENT_LINE bytes; longer ones come out as OVERSIZED.
+
+    Memory stays bounded whatever arrives: an endless line is dropped as it streams past.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._skipping = False
+
+    def feed(self, chunk: bytes) -> list[bytes | Dropped]:
+        out: list[bytes | Dropped] = []
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            self._take(chunk[start:end], out, complete=True)
+            start = end + 1
+        self._take(chunk[start:], out, complete=False)
+        return out
+
+    def _take(self, piece: bytes, out: list[bytes | Dropped], *, complete: bool) -> None:
+        if not self._skipping:
+            self._buffer += piece
+            if len(self._buffer) > MAX_EVENT_LINE:
+                out.append(Dropped.OVERSIZED)
+                self._buffer.clear()
+                self._skipping = True
+        if complete:
+            if not self._skipping and self._buffer.strip():
+                out.append(bytes(self._buffer))
+            self._buffer.clear()
+            self._skipping = False
 
 
 def parse_line(raw: bytes) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from .errors import EngineError, LaunchError, WorkItemError, WorkspaceError
 from .lifecycle import Lifecycle, Tracked, first_of
 from .logs import redacting
 from .metrics import Metrics
+from .network.broker import Grant, placeholder_for, placeholder_secret
 from .outcome import Outcome
 from .protocol import Assignment, abort_line, sessions_token_from_secret, workspace_ready_line
 from .queue import WorkQueue
@@ -145,7 +146,7 @@ class SessionSupervisor:
         the sandbox must be aborted), or None when no sandbox got the item (settled by the caller).
         """
         try:
-            environment_key = self._sandbox_environment_key(item)
+            credential = self._item_credential(item)
         except WorkItemError as exc:
             settlement.record(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
             return None
@@ -162,7 +163,7 @@ class SessionSupervisor:
                 await self._lifecycle.remove(tracked)
                 return None
             try:
-                if not await self._assign(item, tracked, settlement, environment_key, started):
+                if not await self._assign(item, tracked, settlement, credential, started):
                     return None
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -186,15 +187,23 @@ class SessionSupervisor:
 
     async def _assign(
         self, item: BetaSelfHostedWork, tracked: Tracked, settlement: Settlement,
-        environment_key: str | None, started: float,
+        credential: str, started: float,
     ) -> bool:
-        """Record and send the assignment: from here on the sandbox's worker owns the lease and the stop."""
+        """Record and send the assignment: from here on the sandbox's worker owns the lease and the stop.
+
+        With a broker, the sandbox gets a placeholder credential and the broker the real one, granted
+        before the assignment is sent (the worker's first heartbeat follows at once).
+        """
         ref = settlement.item
         record = AssignmentRecord(ref, started, started + self._limits.max_session_seconds)
-        assignment = Assignment(ref.work_id, ref.environment_id, ref.session_id, getattr(item, "secret", None))
+        secret, line_key = getattr(item, "secret", None), self._key_for_sandbox(item)
+        if tracked.door is not None:
+            tracked.door.grant = self._grant(tracked.sandbox, ref, credential)
+            secret, line_key = placeholder_secret(tracked.door.grant.placeholder), None
+        assignment = Assignment(ref.work_id, ref.environment_id, ref.session_id, secret)
         source = "pool" if tracked.from_pool else "cold"
         try:
-            await self._lifecycle.backend.assign(tracked.sandbox, record, assignment.to_line(environment_key))
+            await self._lifecycle.backend.assign(tracked.sandbox, record, assignment.to_line(line_key))
         except EngineError as exc:
             settlement.record(Outcome.LAUNCH_FAILED, f"the assignment did not reach the sandbox: {exc}")
             await self._lifecycle.stop_and_wait(tracked)
@@ -208,6 +217,17 @@ class SessionSupervisor:
         self._lifecycle.refill_pool()  # now, not before: the refill's engine calls would delay this one
         return True
 
+    def _grant(self, sandbox: Sandbox, ref: ItemRef, credential: str) -> Grant:
+        placeholder = placeholder_for(self._environment_key, sandbox.name, ref.work_id)
+        return Grant(ref.work_id, ref.environment_id, ref.session_id, placeholder, credential)
+
+    def adoption_grant(self, sandbox: Sandbox) -> Grant | None:
+        """An adopted sandbox's grant: the placeholder is derived again; the item's own token is not
+        kept anywhere, so its calls go out on the environment key (which the daemon holds anyway)."""
+        if sandbox.record is None:
+            return None
+        return self._grant(sandbox, sandbox.record.item, self._environment_key)
+
     async def _prepare(self, tracked: Tracked, settlement: Settlement, plan: WorkspacePlan | None) -> None:
         """Deliver the workspace and release the tool calls, or abort a session whose plan was refused."""
         if plan is None:
@@ -219,17 +239,24 @@ class SessionSupervisor:
         else:
             tracked.workspace_ready = True
 
-    def _sandbox_environment_key(self, item: BetaSelfHostedWork) -> str | None:
-        """None when the item's secret carries a sessions token (the normal case)."""
-        if sessions_token_from_secret(getattr(item, "secret", None)):
-            return None
+    def _item_credential(self, item: BetaSelfHostedWork) -> str:
+        """What the item's calls are authorized with: its sessions token, else (if allowed) the environment key."""
+        token = sessions_token_from_secret(getattr(item, "secret", None))
+        if token:
+            return token
         if self._limits.allow_environment_key_in_sandbox:
-            log.warning("environment_key_handed_to_sandbox work_id=%s (allowed by settings)", item.id)
+            log.warning("environment_key_used_for_item work_id=%s (allowed by settings)", item.id)
             return self._environment_key
         raise WorkItemError(
             "the work item carries no usable secret (no sessions_token), and handing the environment "
             "key to a sandbox is not allowed (setting allow_environment_key_in_sandbox)"
         )
+
+    def _key_for_sandbox(self, item: BetaSelfHostedWork) -> str | None:
+        """The environment key on the sandbox's stdin: only without a broker, for an item without a token."""
+        if sessions_token_from_secret(getattr(item, "secret", None)):
+            return None
+        return self._environment_key
 
     async def _deliver_workspace(self, ref: ItemRef, sandbox: Sandbox, plan: WorkspacePlan) -> str | None:
         """Restore the session's kept workspace, or fetch the plan; then release the tool calls (or abort)."""
@@ -307,7 +334,7 @@ class SessionSupervisor:
             with anyio.move_on_after(2):  # its last events (did the worker stop its item?) follow the exit
                 await tracked.events_done.wait()
             settlement.sandbox_exited(tracked.exit_status, oom_killed=tracked.oom_killed,
-                                      item_stopped=tracked.activity.item_stopped)
+                                      evidence=tracked.evidence())
         try:
             if self._retention is not None:
                 await self._retention.keep(tracked, settlement)

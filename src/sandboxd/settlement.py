@@ -7,6 +7,10 @@ that vanished). `Settlement` records who owns the stop and why the session ended
 recorded outcome wins, like the SDK's `_Lease` — and its exit is the single, shielded place that
 sends the daemon's stop. Fresh, pooled and adopted sandboxes all go through it. A hand-off to
 the next daemon leaves the item alone: its sandbox still holds the lease.
+
+Whether the sandbox did stop its item is never taken on the sandbox's word: with a broker
+(`Evidence`), the daemon believes only the stop (or the 412) it relayed itself. When in doubt it
+stops the item: a redundant force-stop is answered 409 and costs nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ class ItemRef:
     work_id: str
     environment_id: str
     session_id: str
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the daemon itself saw of the item's API traffic (its broker relays every call)."""
+
+    stopped: bool  # the worker's stop was accepted, or the item was already stopped (409)
+    lease_lost: bool  # a heartbeat met 412: another worker holds the item, which must not be stopped
 
 
 class Stopper(Protocol):
@@ -65,19 +77,24 @@ class Settlement:
         if self.owner is Owner.DAEMON:
             self.owner = Owner.SANDBOX
 
-    def sandbox_exited(self, status: int, *, oom_killed: bool = False, item_stopped: bool = False) -> None:
-        """Take the sandbox's exit status: the daemon owns the stop again when it could not have.
+    def sandbox_exited(self, status: int, *, oom_killed: bool = False, evidence: Evidence | None = None) -> None:
+        """Take the sandbox's exit: the daemon owns the stop again unless the item is known settled.
 
-        `item_stopped`: the sandbox reported that its worker's stop was accepted; whatever killed
-        it afterwards (an engine shutdown), the item is stopped and is not stopped again.
+        With `evidence` (the broker's), only what the daemon saw go by counts: an accepted stop, or
+        a 412. Without a broker (the operator gave sandboxes a network), the exit status decides;
+        the entrypoint claims a settled item only when it saw the stop accepted.
         """
         self.exit_seen = True
-        if status not in ITEM_SETTLED_BY_SANDBOX and not item_stopped:
-            log.warning("sandbox_died work_id=%s exit=%s%s; stopping the item", self.item.work_id, status,
+        settled = (evidence.stopped or evidence.lease_lost) if evidence is not None \
+            else status in ITEM_SETTLED_BY_SANDBOX
+        if not settled:
+            log.warning("sandbox_ended_unstopped work_id=%s exit=%s%s; stopping the item", self.item.work_id, status,
                         " (oom killed)" if oom_killed else "")
             self.owner = Owner.DAEMON
             if oom_killed:  # the worker itself was killed (a tool's OOM kill is that tool's error)
                 self.record(Outcome.OOM_KILLED, f"the sandbox ran out of memory (exit {status})")
+        if evidence is not None and evidence.lease_lost:
+            self.record(Outcome.LEASE_LOST, "a heartbeat met 412: the item belongs to another worker")
         self.record(outcome_for_exit(status), describe_exit(status))
 
     def sandbox_lost(self, why: str) -> None:

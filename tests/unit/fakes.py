@@ -149,6 +149,7 @@ class FakeBackend:
     concurrent: int = 0
     peak: int = 0
     create_calls: int = 0
+    named: int = 0
     sent: list[bytes] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
@@ -220,7 +221,11 @@ class FakeBackend:
             raise self.image_error
         return self.image
 
-    async def create(self, *, image_id: str | None = None) -> Sandbox:
+    def new_sandbox(self) -> Sandbox:
+        self.named += 1
+        return Sandbox("", f"sandboxd-fake-{self.named}", created_at=self.clock())
+
+    async def create(self, sandbox: Sandbox | None = None, *, image_id: str | None = None) -> Sandbox:
         self.create_calls += 1
         if self.create_seconds:
             await anyio.sleep(self.create_seconds)
@@ -229,7 +234,8 @@ class FakeBackend:
         if self.launch_error is not None:
             raise self.launch_error
         n = self.create_calls
-        sandbox = Sandbox(f"c-{n}", f"sandboxd-fake-{n}", image_id or await self.image_id(), self.clock())
+        sandbox = sandbox or self.new_sandbox()
+        sandbox.container_id, sandbox.image_id = f"c-{n}", image_id or await self.image_id()
         lines = [event_line(Event.READY, time.time())] if self.ready else []
         self._runs[sandbox.name] = _Run(lines, self.run_seconds, self.exit_status)
         self._arrive(sandbox.name)

@@ -107,14 +107,16 @@ def test_other_requests_say_nothing_about_the_item(stdout_events: list[dict[str,
     ("recorded", "stopped", "error", "code"),
     [
         (None, True, None, ExitCode.SERVED),
-        (None, False, None, ExitCode.LEASE_LOST),  # no stop was sent: the SDK judged the lease gone
+        (None, False, None, ExitCode.UNSTOPPED),  # the SDK ended the lease without a stop: the daemon stops it
         (None, True, RuntimeError("boom"), ExitCode.FAILED),
-        (None, False, RuntimeError("boom"), ExitCode.ERROR),  # the item may still be held
+        (None, False, RuntimeError("boom"), ExitCode.UNSTOPPED),  # the item may still be held
         (ExitCode.CANCELLED, True, None, ExitCode.CANCELLED),
-        (ExitCode.CANCELLED, False, None, ExitCode.CANCELLED),
+        (ExitCode.CANCELLED, False, None, ExitCode.UNSTOPPED),
         (ExitCode.ABORTED, True, RuntimeError("cancelled mid-fetch"), ExitCode.ABORTED),
         (ExitCode.LEASE_LOST, False, RuntimeError("412"), ExitCode.LEASE_LOST),
         (ExitCode.HEARTBEAT_REJECTED, True, RuntimeError("403"), ExitCode.HEARTBEAT_REJECTED),
+        # anthropic 2.17 stops nothing after a refused lease: never claim it stopped
+        (ExitCode.HEARTBEAT_REJECTED, False, None, ExitCode.UNSTOPPED),
     ],
 )
 async def test_the_exit_code_is_the_first_reason_recorded(recorded: ExitCode | None, stopped: bool,
@@ -124,6 +126,7 @@ async def test_the_exit_code_is_the_first_reason_recorded(recorded: ExitCode | N
     if recorded is not None:
         server.watch.record(recorded)
     server.watch.stopped = stopped
+    server.watch.lease_lost = recorded is ExitCode.LEASE_LOST  # what a 412 sets
     assert server._exit_code(error) is code
     assert server._exit_code(None) is code, "asking again changes nothing"
 

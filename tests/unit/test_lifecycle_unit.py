@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,7 +12,7 @@ import pytest
 
 from sandboxd.lifecycle import Activity, Lifecycle, LifecycleLimits, Tracked
 from sandboxd.metrics import Metrics
-from sandboxd.protocol import Event
+from sandboxd.protocol import Event, SandboxEvent, parse_event
 from tests.unit.fakes import FakeBackend, eventually, record_for
 
 pytestmark = pytest.mark.anyio
@@ -32,8 +33,10 @@ async def _running(backend: FakeBackend, metrics: Metrics, **limits: float) -> A
         tg.cancel_scope.cancel()
 
 
-def _event(kind: Event, at: float, **fields: object) -> dict[str, object]:
-    return {"event": kind.value, "t": at, **fields}
+def _event(kind: Event, at: float, **fields: object) -> SandboxEvent:
+    event = parse_event(json.dumps({"event": kind.value, "t": at, **fields}).encode())
+    assert isinstance(event, SandboxEvent)
+    return event
 
 
 def _count(metrics: Metrics, tool: str, outcome: str) -> float:
@@ -84,7 +87,7 @@ async def test_replayed_events_of_an_adopted_sandbox_are_not_counted_again() -> 
     backend, metrics = FakeBackend(), Metrics()
     left = backend.leave(record_for(9), running=True, run_seconds=30)  # replays a bash call from before
     async with _running(backend, metrics) as lifecycle:
-        tracked = lifecycle.track(left, adopted=True)
+        tracked = await lifecycle.adopt(left, None)
         await eventually(tracked.activity.heartbeat.is_set)
         await anyio.sleep(0.01)
         assert _count(metrics, "bash", "ok") == 0

@@ -7,7 +7,7 @@ import pytest
 
 from sandboxd.outcome import ITEM_SETTLED_BY_SANDBOX, Outcome
 from sandboxd.protocol import ExitCode
-from sandboxd.settlement import ItemRef, Owner, Settlement
+from sandboxd.settlement import Evidence, ItemRef, Owner, Settlement
 
 pytestmark = pytest.mark.anyio
 
@@ -163,13 +163,39 @@ async def test_a_stop_that_hangs_is_bounded(monkeypatch: pytest.MonkeyPatch) -> 
     assert stops.items == [] and not settlement.stopped_by_daemon
 
 
-async def test_a_sandbox_that_reported_its_stop_is_never_stopped_again_whatever_killed_it() -> None:
+async def test_an_item_the_broker_saw_stopped_is_never_stopped_again_whatever_killed_the_sandbox() -> None:
     stops = Stops()
     async with Settlement(stops, REF) as settlement:
         settlement.handed_to_sandbox()
-        settlement.sandbox_exited(143, item_stopped=True)  # stopped its item, then the engine shut down
+        # the worker's stop went through the broker, then the engine shut down
+        settlement.sandbox_exited(143, evidence=Evidence(stopped=True, lease_lost=False))
     assert stops.items == []
     async with Settlement(stops, REF) as settlement:
         settlement.handed_to_sandbox()
         settlement.sandbox_exited(143)
     assert stops.items == [REF]
+
+
+@pytest.mark.parametrize("status", [ExitCode.SERVED, ExitCode.CANCELLED, ExitCode.HEARTBEAT_REJECTED, ExitCode.LEASE_LOST])
+async def test_with_a_broker_only_what_it_saw_settles_the_item_never_the_exit_status(status: int) -> None:
+    stops = Stops()
+    async with Settlement(stops, REF) as settlement:
+        settlement.handed_to_sandbox()
+        settlement.sandbox_exited(status, evidence=Evidence(stopped=False, lease_lost=False))
+    assert stops.items == [REF], "no stop went by: the daemon stops the item (a redundant stop is a 409)"
+
+
+async def test_a_412_the_broker_saw_leaves_the_item_to_its_new_holder() -> None:
+    stops = Stops()
+    async with Settlement(stops, REF) as settlement:
+        settlement.handed_to_sandbox()
+        settlement.sandbox_exited(ExitCode.UNSTOPPED, evidence=Evidence(stopped=False, lease_lost=True))
+    assert stops.items == [] and settlement.outcome is Outcome.LEASE_LOST
+
+
+async def test_an_unstopped_exit_without_a_broker_is_stopped_by_the_daemon() -> None:
+    stops = Stops()
+    async with Settlement(stops, REF) as settlement:
+        settlement.handed_to_sandbox()
+        settlement.sandbox_exited(ExitCode.UNSTOPPED)
+    assert stops.items == [REF] and settlement.outcome is Outcome.FAILED

@@ -1,74 +1,299 @@
-"""The API broker: a sandbox's only path to the Managed Agents API, a unix socket in the daemon.
+"""The API broker: a sandbox's only path to the Managed Agents API, and only for its own work item.
 
-A sandbox has no network. The daemon serves this broker on a unix socket in a directory it
-bind-mounts into the sandbox, and the SDK inside speaks HTTPS over that socket. Each connection is
-forwarded byte for byte to one fixed host:port (the API host): TLS stays end to end between the
-sandbox and the API, so the broker holds no credential, parses nothing, and can reach nothing else.
+Every sandbox has a socket of its own (`channels.py`), so the broker always knows which sandbox is
+speaking. The SDK inside speaks plain HTTP/1.1 to it, carrying a placeholder credential that only
+its worker was given (`Grant`). The broker parses each request once, with h11 and within bounds,
+lets through only the calls the SDK's worker makes for its own item (`allowed_route`), swaps the
+placeholder for the real credential and sends the request to the API itself, TLS and certificate
+check included. Anything else is refused with 403 and counted (`Refusal`).
+
+What goes by is also what the daemon believes about the item: an accepted heartbeat, a 412 (the
+lease belongs to someone else), an accepted stop. Those observations (`Door.observe`) decide the
+settlement; nothing a tool can print or send changes them.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import logging
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+import re
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
 from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
-
-from .sockets import serve_connections, splice, unix_listener
+import h11
+import httpx2
 
 log = logging.getLogger(__name__)
 
-ErrorHook = Callable[[BaseException], None]
+MAX_HEAD_BYTES = 32 * 1024
+MAX_BODY_BYTES = 32 * 1024 * 1024  # a tool result; the SDK caps file reads far below this
+PLACEHOLDER_PREFIX = "sandboxd-placeholder-"
+_HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"host", b"content-length", b"authorization", b"x-api-key",
+})
+_RESPONSE_DROPPED = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"trailer", b"upgrade"})
+_ID = r"[A-Za-z0-9_\-]{1,128}"
 
 
-def api_target(base_url: str) -> tuple[str, int]:
-    """The host and port a base URL points at: `https://api.anthropic.com` -> (`api.anthropic.com`, 443)."""
-    url = urlsplit(base_url)
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise ValueError(f"not an http(s) base URL: {base_url!r}")
-    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+class Refusal(StrEnum):
+    """The `reason` label of sandboxd_broker_refused_total."""
+
+    NOT_ASSIGNED = "not_assigned"  # nothing is assigned to this sandbox (yet, or any more)
+    CREDENTIAL = "credential"  # not the worker's placeholder: a tool, or a key of its own
+    ROUTE = "route"  # not a call the worker makes for its own item
+    BAD_REQUEST = "bad_request"  # not parseable HTTP/1.1, or over a bound
+    BODY_TOO_LARGE = "body_too_large"
+    TIMEOUT = "timeout"  # the request head or body did not arrive in time
+    UPSTREAM = "upstream"  # the API could not be reached (answered 502)
+
+
+class Traffic(StrEnum):
+    """What the daemon learns from the worker's calls (`Door.observe`)."""
+
+    HEARTBEAT_OK = "heartbeat_ok"
+    LEASE_LOST = "lease_lost"  # a heartbeat met 412: another worker holds the item; never stop it
+    LEASE_REFUSED = "lease_refused"  # another 4xx on a heartbeat: the item is not ours to keep
+    STOPPED = "stopped"  # the worker's stop was accepted, or the item was already stopped (409)
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one sandbox may do: its item's calls, with `placeholder` swapped for `credential`."""
+
+    work_id: str
+    environment_id: str
+    session_id: str
+    placeholder: str
+    credential: str = field(repr=False)
+
+
+@dataclass
+class Door:
+    """One sandbox's side of the broker: what it was granted, and who hears about its traffic."""
+
+    name: str
+    grant: Grant | None = None
+    observe: Callable[[Traffic], None] = lambda traffic: None
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    header_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 120.0
+    body_timeout_seconds: float = 60.0
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def placeholder_for(key: str, sandbox: str, work_id: str) -> str:
+    """The credential a sandbox's worker is given: useless anywhere but on that sandbox's own socket.
+
+    Derived, not stored: a daemon that adopts the sandbox after a restart computes the same one.
+    """
+    digest = hmac.new(key.encode(), f"{sandbox}\0{work_id}".encode(), hashlib.sha256).hexdigest()
+    return PLACEHOLDER_PREFIX + digest[:48]
+
+
+def placeholder_secret(placeholder: str) -> str:
+    """A work-item `secret` (url-safe base64 JSON) whose sessions token is the placeholder."""
+    raw = json.dumps({"sessions_token": placeholder}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def allowed_route(grant: Grant, method: str, path: str) -> Traffic | None:
+    """The kind of a call the worker makes for its own item, or None when it is not one."""
+    env, work, session = (re.escape(v) for v in (grant.environment_id, grant.work_id, grant.session_id))
+    if method == "POST" and re.fullmatch(rf"/v1/environments/{env}/work/{work}/heartbeat", path):
+        return Traffic.HEARTBEAT_OK
+    if method == "POST" and re.fullmatch(rf"/v1/environments/{env}/work/{work}/stop", path):
+        return Traffic.STOPPED
+    if method == "GET" and re.fullmatch(rf"/v1/sessions/{session}(/events(/stream)?)?", path):
+        return Traffic.OTHER
+    if method == "POST" and re.fullmatch(rf"/v1/sessions/{session}/events", path):
+        return Traffic.OTHER
+    if method == "GET" and re.fullmatch(rf"/v1/skills/{_ID}/versions/{_ID}(/content)?", path):
+        return Traffic.OTHER
+    if method in ("GET", "POST", "PATCH", "DELETE") and re.fullmatch(
+            rf"/v1/memory_stores/{_ID}/memories(/{_ID})?", path):
+        return Traffic.OTHER
+    return None
+
+
+def outcome_of(kind: Traffic, status: int) -> Traffic:
+    """What a response to a call of `kind` tells the daemon."""
+    if kind is Traffic.HEARTBEAT_OK:
+        if 200 <= status < 300:
+            return Traffic.HEARTBEAT_OK
+        if status == 412:
+            return Traffic.LEASE_LOST
+        if 400 <= status < 500 and status not in (408, 409, 429):
+            return Traffic.LEASE_REFUSED
+    if kind is Traffic.STOPPED and (200 <= status < 300 or status == 409):
+        return Traffic.STOPPED
+    return Traffic.OTHER
+
+
+class _Refused(Exception):
+    def __init__(self, reason: Refusal, status: int, message: str) -> None:
+        super().__init__(message)
+        self.reason, self.status = reason, status
 
 
 class ApiBroker:
-    """Forwards every connection on `socket_path` to `host:port`, at most `max_connections` at once.
+    """Serves the sandboxes' API calls (one `handle` per connection), forwarding to `base_url`."""
 
-    `on_error` is called with the exception whenever the target cannot be connected to (the
-    sandbox's client then sees its connection closed, and retries as it would any network error).
-    """
+    def __init__(self, base_url: str, *, client: httpx2.AsyncClient | None = None,
+                 limits: BrokerLimits | None = None, on_refused: Callable[[Refusal], None] | None = None) -> None:
+        url = urlsplit(base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"not an http(s) base URL: {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self.limits = limits or BrokerLimits()
+        self._client = client or httpx2.AsyncClient(
+            timeout=httpx2.Timeout(connect=10.0, read=None, write=60.0, pool=30.0), follow_redirects=False)
+        self._on_refused = on_refused or (lambda reason: None)
 
-    def __init__(self, socket_path: Path, host: str, port: int, *, max_connections: int = 64,
-                 connect_timeout_seconds: float = 10.0, on_error: ErrorHook | None = None) -> None:
-        self.socket_path = socket_path
-        self.host = host
-        self.port = port
-        self._max_connections = max_connections
-        self._connect_timeout_seconds = connect_timeout_seconds
-        self._on_error = on_error
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
-    @classmethod
-    def for_base_url(cls, base_url: str, socket_path: Path, **options: Any) -> ApiBroker:
-        """A broker to the host of `base_url` (options as in the constructor)."""
-        host, port = api_target(base_url)
-        return cls(socket_path, host, port, **options)
+    async def handle(self, stream: anyio.abc.ByteStream, door: Door) -> None:
+        """Serve one connection of one sandbox: request after request, each checked, until it closes."""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+        first = True
+        while True:
+            timeout = self.limits.header_timeout_seconds if first else self.limits.idle_timeout_seconds
+            try:
+                request = await self._next_request(conn, stream, timeout, first)
+                if request is None:
+                    return
+                await self._serve(conn, stream, door, request)
+            except _Refused as refused:
+                await self._refuse(conn, stream, door, refused)
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+            first = False
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen, report started, and forward until cancelled; the socket file is removed on exit."""
-        async with unix_listener(self.socket_path) as listener:
-            log.info("broker_listening socket=%s target=%s:%d", self.socket_path, self.host, self.port)
-            task_status.started()
-            await serve_connections(listener, self._forward, max_connections=self._max_connections, name="broker")
+    async def _next_request(self, conn: h11.Connection, stream: anyio.abc.ByteStream, idle: float,
+                            first: bool) -> h11.Request | None:
+        """The next request head; None when the client closed (or idled out) between requests."""
+        deadline = anyio.current_time() + idle
+        while True:
+            event = self._event(conn)
+            if isinstance(event, h11.Request):
+                return event
+            if isinstance(event, h11.ConnectionClosed):
+                return None
+            waited = not first and conn.their_state is h11.IDLE and not conn.trailing_data[0]
+            if not await self._feed(conn, stream, deadline):
+                if waited:
+                    return None  # an idle keep-alive connection: closing it is no refusal
+                raise _Refused(Refusal.TIMEOUT, 408, "the request head did not arrive in time")
+            if deadline - anyio.current_time() > self.limits.header_timeout_seconds and conn.trailing_data[0]:
+                deadline = anyio.current_time() + self.limits.header_timeout_seconds  # a head has begun
 
-    async def _forward(self, client: anyio.abc.ByteStream) -> None:
+    @staticmethod
+    def _event(conn: h11.Connection) -> object:
         try:
-            with anyio.fail_after(self._connect_timeout_seconds):
-                upstream = await anyio.connect_tcp(self.host, self.port)
-        except (OSError, TimeoutError) as exc:
-            log.warning("broker_connect_failed target=%s:%d error=%s", self.host, self.port, exc or "timeout")
-            if self._on_error is not None:
-                self._on_error(exc)
+            return conn.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _Refused(Refusal.BAD_REQUEST, 400, f"malformed request: {exc}") from None
+
+    @staticmethod
+    async def _feed(conn: h11.Connection, stream: anyio.abc.ByteStream, deadline: float) -> bool:
+        """Read more bytes into `conn` before `deadline` (b'' at end of stream); False on timeout."""
+        with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            try:
+                data = await stream.receive(65536)
+            except anyio.EndOfStream:
+                data = b""
+            conn.receive_data(data)
+            return True
+        return False
+
+    async def _read_body(self, conn: h11.Connection, stream: anyio.abc.ByteStream) -> bytes:
+        body = bytearray()
+        deadline = anyio.current_time() + self.limits.body_timeout_seconds
+        while True:
+            event = self._event(conn)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.limits.max_body_bytes:
+                    raise _Refused(Refusal.BODY_TOO_LARGE, 413, "the request body is too large")
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            elif isinstance(event, h11.ConnectionClosed):
+                raise _Refused(Refusal.BAD_REQUEST, 400, "the connection closed inside a request body")
+            elif event is h11.NEED_DATA and not await self._feed(conn, stream, deadline):
+                raise _Refused(Refusal.TIMEOUT, 408, "the request body did not arrive in time")
+
+    def _check(self, door: Door, request: h11.Request) -> tuple[Grant, Traffic, str]:
+        grant = door.grant
+        if grant is None:
+            raise _Refused(Refusal.NOT_ASSIGNED, 403, "this sandbox has no work item")
+        presented = [v for k, v in request.headers if k in (b"authorization", b"x-api-key")]
+        expected = f"Bearer {grant.placeholder}".encode()
+        if len(presented) != 1 or not hmac.compare_digest(presented[0], expected):
+            raise _Refused(Refusal.CREDENTIAL, 403, "only the sandbox's worker may call the API")
+        target = request.target.decode("ascii", "replace")
+        path, _, query = target.partition("?")
+        kind = allowed_route(grant, request.method.decode("ascii", "replace"), path)
+        if kind is None or not path.startswith("/") or "%" in path:
+            raise _Refused(Refusal.ROUTE, 403, "not a call for this sandbox's work item")
+        return grant, kind, target
+
+    async def _serve(self, conn: h11.Connection, stream: anyio.abc.ByteStream, door: Door,
+                     request: h11.Request) -> None:
+        grant, kind, target = self._check(door, request)
+        body = await self._read_body(conn, stream)
+        headers = [(k, v) for k, v in request.headers if k not in _HOP_BY_HOP]
+        headers.append((b"authorization", f"Bearer {grant.credential}".encode()))
+        upstream = self._client.build_request(request.method.decode(), self.base_url + target,
+                                              headers=headers, content=body)
+        try:
+            response = await self._client.send(upstream, stream=True)
+        except httpx2.HTTPError as exc:
+            log.warning("broker_upstream_failed sandbox=%s error=%s", door.name, type(exc).__name__)
+            raise _Refused(Refusal.UPSTREAM, 502, "the API could not be reached") from None
+        try:
+            door.observe(outcome_of(kind, response.status_code))
+            await self._relay(conn, stream, response)
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    async def _relay(conn: h11.Connection, stream: anyio.abc.ByteStream, response: httpx2.Response) -> None:
+        headers = [(k, v) for k, v in response.headers.raw if k.lower() not in _RESPONSE_DROPPED]
+        await stream.send(conn.send(h11.Response(status_code=response.status_code, headers=headers,
+                                                 reason=response.reason_phrase.encode() or b"")) or b"")
+        chunks: AsyncIterator[bytes] = response.aiter_raw()
+        async for chunk in chunks:
+            if chunk:
+                await stream.send(conn.send(h11.Data(data=chunk)) or b"")
+        await stream.send(conn.send(h11.EndOfMessage()) or b"")
+
+    async def _refuse(self, conn: h11.Connection, stream: anyio.abc.ByteStream, door: Door,
+                      refused: _Refused) -> None:
+        self._on_refused(refused.reason)
+        log.warning("broker_refused sandbox=%s reason=%s", door.name, refused.reason.value)
+        if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
+            return  # a response is already under way: all that is left is to close
+        body = json.dumps({"type": "error", "error": {"type": "permission_error" if refused.status == 403
+                                                      else "invalid_request_error",
+                                                      "message": f"sandboxd broker: {refused}"}}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                   (b"connection", b"close")]
+        try:
+            data = conn.send(h11.Response(status_code=refused.status, headers=headers))
+            data = (data or b"") + (conn.send(h11.Data(data=body)) or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
             return
-        async with upstream:
-            await splice(client, upstream)
+        await stream.send(data)

@@ -1,18 +1,23 @@
-"""A sandbox's only ways out: the API broker and, when allowed, the egress proxy.
+"""A sandbox's only ways out, one set per sandbox: the API broker and, when allowed, the egress proxy.
 
-Sandboxes run with no network (`network_mode = "none"`, the default). The daemon serves two unix
-sockets in `socket_dir`, bind-mounted read-only into every sandbox at /run/sandboxd: `api.sock`
-forwards to the API host only (TLS end to end; the broker holds no credential), and, when
-`egress_allowed_hosts` is set, `egress.sock` is the allow-list HTTP(S) proxy that the sandbox's
-entrypoint offers to tools on 127.0.0.1:3128 through the standard proxy variables. With another
-network mode the operator opted into raw networking: no broker, no proxy.
+Sandboxes run with no network (`network_mode = "none"`, the default). For each sandbox the daemon
+serves two unix sockets in a directory of its own, `socket_dir/<sandbox name>/`, bind-mounted
+read-only into that sandbox alone at /run/sandboxd: `api.sock` is the broker (only its own work
+item's calls, only with its worker's placeholder credential), and, when `egress_allowed_hosts` is
+set, `egress.sock` is the allow-list HTTP(S) proxy, offered to tools on 127.0.0.1:3128 by the
+entrypoint's relay. Each socket has its own connection cap, so a sandbox that exhausts its share
+waits in its own backlog and slows only itself. With another network mode the operator opted into
+raw networking: no broker, no proxy.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -21,21 +26,33 @@ import anyio.abc
 from ..errors import ConfigError
 from ..metrics import Metrics
 from .allowlist import EgressPolicy
-from .broker import ApiBroker
+from .broker import ApiBroker, Door, Grant, Traffic
 from .egress import Decision, EgressProxy
+from .sockets import serve_connections, unix_listener
 
 log = logging.getLogger(__name__)
 
 SANDBOX_SOCKET_DIR = "/run/sandboxd"
+BROKER_URL = "http://sandboxd-broker"  # what the sandbox's SDK addresses; the socket decides where it goes
 PROXY_PORT = 3128
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
+_NAME_ROOM = 40  # "/sandboxd-<16 hex>/egress.sock" and some to spare
+
+
+@dataclass(frozen=True)
+class ChannelLimits:
+    api_connections: int = 8  # per sandbox: the worker needs about four (stream, events, heartbeat, skills)
+    egress_connections: int = 64  # per sandbox
 
 
 @dataclass(frozen=True)
 class Channels:
+    """How sandboxes reach out (derived once from the settings); `serve` runs them."""
+
     socket_dir: Path
-    base_url: str  # the API as the sandbox would address it
+    base_url: str  # the API as the daemon reaches it: the broker forwards there
     egress: EgressPolicy | None
+    limits: ChannelLimits = ChannelLimits()
 
     @classmethod
     def build(cls, *, network_mode: str, socket_dir: Path, base_url: str, allowed_hosts: list[str],
@@ -46,9 +63,8 @@ class Channels:
                 log.warning("egress_allowed_hosts_ignored network_mode=%s (the proxy needs network_mode=none)",
                             network_mode)
             return None
-        path = socket_dir / "egress.sock"
-        if len(str(path)) > _MAX_SOCKET_PATH:
-            raise ConfigError(f"`socket_dir` {socket_dir} is too long for a unix socket path (max ~95 characters)")
+        if len(str(socket_dir)) + _NAME_ROOM > _MAX_SOCKET_PATH:
+            raise ConfigError(f"`socket_dir` {socket_dir} is too long for a unix socket path (max ~65 characters)")
         try:
             policy = EgressPolicy(allowed_hosts, audit=audit) if allowed_hosts else None
         except ValueError as exc:
@@ -56,7 +72,7 @@ class Channels:
         return cls(socket_dir, base_url, policy)
 
     def sandbox_env(self) -> dict[str, str]:
-        env = {"SANDBOXD_API_SOCKET": f"{SANDBOX_SOCKET_DIR}/api.sock"}
+        env = {"SANDBOXD_API_SOCKET": f"{SANDBOX_SOCKET_DIR}/api.sock", "ANTHROPIC_BASE_URL": BROKER_URL}
         if self.egress is not None:
             proxy = f"http://127.0.0.1:{PROXY_PORT}"
             env |= {"SANDBOXD_EGRESS_SOCKET": f"{SANDBOX_SOCKET_DIR}/egress.sock",
@@ -66,9 +82,6 @@ class Channels:
                 env[name] = proxy
         return env
 
-    def bind_mounts(self) -> dict[str, str]:
-        return {str(self.socket_dir): SANDBOX_SOCKET_DIR}
-
     def prepare(self) -> None:
         """Create the socket directory; ConfigError (exit 2) when it cannot be."""
         try:
@@ -77,19 +90,86 @@ class Channels:
         except OSError as exc:
             raise ConfigError(f"`socket_dir` {self.socket_dir} is not usable: {exc.strerror or exc}") from None
 
-    async def serve(self, metrics: Metrics, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-                    ) -> None:
-        """Serve the broker (and the proxy) until cancelled; ready once the sockets accept."""
-        def count(decision: Decision) -> None:
+    async def serve(self, metrics: Metrics, *,
+                    task_status: anyio.abc.TaskStatus[SandboxDoors] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run the per-sandbox sockets until cancelled; reports the registry sandboxes are opened in."""
+        def decided(decision: Decision) -> None:
             metrics.egress_requests.labels(decision.value).inc()
 
-        async with anyio.create_task_group() as tg:
-            broker = ApiBroker.for_base_url(self.base_url, self.socket_dir / "api.sock",
-                                            on_error=lambda exc: log.warning("broker_connect_failed error=%s", exc))
-            await tg.start(broker.serve, name="api broker")
-            if self.egress is not None:
-                proxy = EgressProxy(self.egress, self.socket_dir / "egress.sock", on_decision=count)
-                await tg.start(proxy.serve, name="egress proxy")
-            log.info("channels_ready socket_dir=%s egress=%s", self.socket_dir,
-                     "audit" if self.egress and self.egress.audit else "on" if self.egress else "off")
+        broker = ApiBroker(self.base_url, on_refused=lambda reason: metrics.broker_refused.labels(reason.value).inc())
+        proxy = None
+        if self.egress is not None:
+            proxy = EgressProxy(self.egress, self.socket_dir / "egress.sock", on_decision=decided)
+        try:
+            async with anyio.create_task_group() as tg:
+                doors = SandboxDoors(self, tg, broker, proxy)
+                log.info("channels_ready socket_dir=%s egress=%s", self.socket_dir,
+                         "audit" if self.egress and self.egress.audit else "on" if self.egress else "off")
+                task_status.started(doors)
+                await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await broker.aclose()
+
+
+class SandboxDoors:
+    """The running channels: one directory of sockets per sandbox, opened and closed with it."""
+
+    def __init__(self, channels: Channels, tg: anyio.abc.TaskGroup, broker: ApiBroker,
+                 proxy: EgressProxy | None) -> None:
+        self._channels = channels
+        self._tg = tg
+        self._broker = broker
+        self._proxy = proxy
+        self._open: dict[str, tuple[Door, anyio.CancelScope]] = {}
+
+    def directory(self, name: str) -> Path:
+        return self._channels.socket_dir / name
+
+    async def open(self, name: str, grant: Grant | None, observe: Callable[[Traffic], None]) -> Door:
+        """Serve `name`'s sockets (its directory made first: the container bind-mounts it).
+
+        `grant` is what it may call (None until it is assigned an item); `observe` hears about its
+        worker's calls. Both are in place before the first connection is accepted.
+        """
+        if name in self._open:
+            return self._open[name][0]
+        directory = self.directory(name)
+        directory.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(directory, 0o755)
+        door = Door(name, grant, observe)
+        scope = await self._tg.start(self._serve, door, directory, name=f"channels {name}")
+        self._open[name] = (door, scope)
+        return door
+
+    async def _serve(self, door: Door, directory: Path, *,
+                     task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
+        limits = self._channels.limits
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                await tg.start(self._listen, directory / "api.sock", partial(self._broker.handle, door=door),
+                               limits.api_connections, f"broker {door.name}")
+                if self._proxy is not None:
+                    await tg.start(self._listen, directory / "egress.sock", self._proxy.handle,
+                                   limits.egress_connections, f"egress {door.name}")
+                task_status.started(scope)
+
+    @staticmethod
+    async def _listen(path: Path, handler: Callable[[anyio.abc.ByteStream], object], cap: int, name: str, *,
+                      task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with unix_listener(path) as listener:
             task_status.started()
+            await serve_connections(listener, handler, max_connections=cap, name=name)  # type: ignore[arg-type]
+
+    def close(self, name: str) -> None:
+        """Stop serving `name` and remove its directory (idempotent; also for sandboxes never opened)."""
+        opened = self._open.pop(name, None)
+        if opened is not None:
+            opened[1].cancel()
+        shutil.rmtree(self.directory(name), ignore_errors=True)
+
+    def leave(self, name: str) -> None:
+        """Stop serving `name` but keep its directory: the sandbox runs on for the next daemon."""
+        opened = self._open.pop(name, None)
+        if opened is not None:
+            opened[1].cancel()
