@@ -43,6 +43,7 @@ def channels(settings: Settings) -> Channels | None:
         base_url=settings.base_url,
         allowed_hosts=settings.egress_allowed_hosts,
         audit=settings.egress_audit,
+        grants_dir=settings.state_dir / "grants",
     )
 
 

@@ -188,6 +188,15 @@ class Lifecycle:
             tracked.door = await self.doors.open(tracked.sandbox.name, grant, tracked.observe)
             tracked.activity.brokered = True
 
+    def grant(self, tracked: Tracked, grant: Grant) -> None:
+        """The sandbox's worker may now call the API for its item (set before the assignment is sent)."""
+        if self.doors is not None and tracked.door is not None:
+            self.doors.grant(tracked.door, grant)
+
+    def kept_credential(self, sandbox: Sandbox) -> str | None:
+        """The credential an earlier run granted this sandbox, if it was kept."""
+        return self.doors.kept_credential(sandbox.name) if self.doors is not None else None
+
     def _close_door(self, tracked: Tracked) -> None:
         if self.doors is not None:
             self.doors.close(tracked.sandbox.name)

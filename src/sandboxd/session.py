@@ -198,8 +198,9 @@ class SessionSupervisor:
         record = AssignmentRecord(ref, started, started + self._limits.max_session_seconds)
         secret, line_key = getattr(item, "secret", None), self._key_for_sandbox(item)
         if tracked.door is not None:
-            tracked.door.grant = self._grant(tracked.sandbox, ref, credential)
-            secret, line_key = placeholder_secret(tracked.door.grant.placeholder), None
+            grant = self._grant(tracked.sandbox, ref, credential)
+            self._lifecycle.grant(tracked, grant)
+            secret, line_key = placeholder_secret(grant.placeholder), None
         assignment = Assignment(ref.work_id, ref.environment_id, ref.session_id, secret)
         source = "pool" if tracked.from_pool else "cold"
         try:
@@ -222,11 +223,12 @@ class SessionSupervisor:
         return Grant(ref.work_id, ref.environment_id, ref.session_id, placeholder, credential)
 
     def adoption_grant(self, sandbox: Sandbox) -> Grant | None:
-        """An adopted sandbox's grant: the placeholder is derived again; the item's own token is not
-        kept anywhere, so its calls go out on the environment key (which the daemon holds anyway)."""
+        """An adopted sandbox's grant: the placeholder derived again, the credential its first daemon
+        kept (else the environment key, which the daemon holds anyway)."""
         if sandbox.record is None:
             return None
-        return self._grant(sandbox, sandbox.record.item, self._environment_key)
+        credential = self._lifecycle.kept_credential(sandbox) or self._environment_key
+        return self._grant(sandbox, sandbox.record.item, credential)
 
     async def _prepare(self, tracked: Tracked, settlement: Settlement, plan: WorkspacePlan | None) -> None:
         """Deliver the workspace and release the tool calls, or abort a session whose plan was refused."""

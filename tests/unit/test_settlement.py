@@ -176,7 +176,8 @@ async def test_an_item_the_broker_saw_stopped_is_never_stopped_again_whatever_ki
     assert stops.items == [REF]
 
 
-@pytest.mark.parametrize("status", [ExitCode.SERVED, ExitCode.CANCELLED, ExitCode.HEARTBEAT_REJECTED, ExitCode.LEASE_LOST])
+@pytest.mark.parametrize("status",
+                         [ExitCode.SERVED, ExitCode.CANCELLED, ExitCode.HEARTBEAT_REJECTED, ExitCode.LEASE_LOST])
 async def test_with_a_broker_only_what_it_saw_settles_the_item_never_the_exit_status(status: int) -> None:
     stops = Stops()
     async with Settlement(stops, REF) as settlement:

@@ -164,6 +164,12 @@ class ApiBroker:
     async def aclose(self) -> None:
         await self._client.aclose()
 
+    async def __aenter__(self) -> ApiBroker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     async def handle(self, stream: anyio.abc.ByteStream, door: Door) -> None:
         """Serve one connection of one sandbox: request after request, each checked, until it closes."""
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)

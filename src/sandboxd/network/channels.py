@@ -53,10 +53,13 @@ class Channels:
     base_url: str  # the API as the daemon reaches it: the broker forwards there
     egress: EgressPolicy | None
     limits: ChannelLimits = ChannelLimits()
+    # Where each assigned sandbox's real credential is kept (0600, never mounted anywhere), so a
+    # daemon that adopts the sandbox after a restart forwards its calls on the item's own token.
+    grants_dir: Path | None = None
 
     @classmethod
     def build(cls, *, network_mode: str, socket_dir: Path, base_url: str, allowed_hosts: list[str],
-              audit: bool) -> Channels | None:
+              audit: bool, grants_dir: Path | None = None) -> Channels | None:
         """None when sandboxes have a network of their own (the operator's opt-out)."""
         if network_mode != "none":
             if allowed_hosts:
@@ -69,7 +72,7 @@ class Channels:
             policy = EgressPolicy(allowed_hosts, audit=audit) if allowed_hosts else None
         except ValueError as exc:
             raise ConfigError(f"`egress_allowed_hosts`: {exc}") from None
-        return cls(socket_dir, base_url, policy)
+        return cls(socket_dir, base_url, policy, grants_dir=grants_dir)
 
     def sandbox_env(self) -> dict[str, str]:
         env = {"SANDBOXD_API_SOCKET": f"{SANDBOX_SOCKET_DIR}/api.sock", "ANTHROPIC_BASE_URL": BROKER_URL}
@@ -87,6 +90,9 @@ class Channels:
         try:
             self.socket_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.socket_dir, 0o755)  # the sandbox user traverses it to connect
+            if self.grants_dir is not None:
+                self.grants_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.chmod(self.grants_dir, 0o700)
         except OSError as exc:
             raise ConfigError(f"`socket_dir` {self.socket_dir} is not usable: {exc.strerror or exc}") from None
 
@@ -161,12 +167,35 @@ class SandboxDoors:
             task_status.started()
             await serve_connections(listener, handler, max_connections=cap, name=name)  # type: ignore[arg-type]
 
+    def grant(self, door: Door, grant: Grant) -> None:
+        """Let `door`'s worker call the API for its item; its credential is kept for an adopting daemon."""
+        door.grant = grant
+        kept = self._kept(door.name)
+        if kept is not None:
+            fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(grant.credential)
+
+    def kept_credential(self, name: str) -> str | None:
+        """The credential kept for `name` by an earlier run, if any."""
+        kept = self._kept(name)
+        try:
+            return kept.read_text().strip() or None if kept is not None else None
+        except OSError:
+            return None
+
+    def _kept(self, name: str) -> Path | None:
+        return self._channels.grants_dir / name if self._channels.grants_dir is not None else None
+
     def close(self, name: str) -> None:
-        """Stop serving `name` and remove its directory (idempotent; also for sandboxes never opened)."""
+        """Stop serving `name`, remove its directory and what it was granted (idempotent)."""
         opened = self._open.pop(name, None)
         if opened is not None:
             opened[1].cancel()
         shutil.rmtree(self.directory(name), ignore_errors=True)
+        kept = self._kept(name)
+        if kept is not None:
+            kept.unlink(missing_ok=True)
 
     def leave(self, name: str) -> None:
         """Stop serving `name` but keep its directory: the sandbox runs on for the next daemon."""
