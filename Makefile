@@ -1,7 +1,7 @@
 # Thin targets; .ci/run and the README call these.
 PY ?= .venv/bin/python
 
-.PHONY: bootstrap demo test lint typecheck images bench soak
+.PHONY: bootstrap demo test lint typecheck images bench soak lock lock-upgrade lock-check sdk-latest
 
 bootstrap:            ## venv, Docker engine, images
 	scripts/bootstrap.sh
@@ -29,3 +29,15 @@ bench:                ## sandbox start-up, burst and idle cost, then workspace a
 
 soak:                 ## 300 sessions through the real daemon under faults; restarts the Docker engine once
 	$(PY) benchmarks/soak.py --sessions 300 $(SOAK_ARGS)
+
+lock:                 ## requirements.lock and requirements-checkov.lock from pyproject.toml, keeping the pins that fit
+	scripts/lock.sh $(LOCK_ARGS)
+
+lock-upgrade:         ## the same with the newest release of everything (then make sdk-latest test; commit when green)
+	scripts/lock.sh --upgrade $(LOCK_ARGS)
+
+lock-check:           ## fails when the locks are not what `make lock` makes of their inputs
+	scripts/lock.sh --check
+
+sdk-latest:           ## the newest anthropic the pyproject range allows, in a throwaway venv: the suites that drive the SDK
+	scripts/sdk-latest.sh

@@ -10,7 +10,8 @@
 #
 # The wheels are built on the host, so the images need neither pip nor a compiler nor network access
 # to a package index. They must match the image's python3: Debian bookworm ships 3.11, so PYTHON must
-# be a 3.11 interpreter for the default base (PYTHON_MINOR says which minor the base has).
+# be a 3.11 interpreter for the default base (PYTHON_MINOR says which minor the base has). The
+# dependencies are the versions of requirements.lock, hash-checked: the images run what was tested.
 #
 # Environment: BASE_IMAGE, SANDBOX_TAG (sandboxd-sandbox:latest), DAEMON_TAG (sandboxd:latest), PYTHON,
 # PYTHON_MINOR (3.11), DOCKER_BUILD_NETWORK (host).
@@ -34,8 +35,31 @@ wheelhouse() {
     fi
     rm -rf build/wheelhouse
     mkdir -p build/wheelhouse
-    "$python" -m pip wheel --quiet --wheel-dir build/wheelhouse . >/dev/null
-    echo "wheelhouse: $(find build/wheelhouse -name '*.whl' | wc -l) wheels in build/wheelhouse"
+    # sandboxd's dependencies at the versions of requirements.lock, given as constraints without their
+    # hashes (pip versions differ on hashes in a constraints file): only what sandboxd needs, none of
+    # the dev tools. Then every wheel is checked against the lock's hashes.
+    sed -e '/^[[:space:]]*#/d' -e '/^[[:space:]]*--hash/d' -e 's/[[:space:]]*\\$//' requirements.lock \
+        > build/wheelhouse-constraints.txt
+    "$python" -m pip wheel --quiet --wheel-dir build/wheelhouse -c build/wheelhouse-constraints.txt . >/dev/null
+    "$python" - build/wheelhouse requirements.lock <<'EOF'
+import hashlib, pathlib, re, sys
+
+def key(name, version):
+    return re.sub(r"[-_.]+", "-", name).lower(), version
+
+locked, hashes = {}, set()
+for line in pathlib.Path(sys.argv[2]).read_text().splitlines():
+    if m := re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s\\;]+)", line):
+        hashes = locked.setdefault(key(m[1], m[2]), set())
+    elif m := re.search(r"--hash=sha256:([0-9a-f]{64})", line):
+        hashes.add(m[1])
+wheels = [w for w in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")) if not w.name.startswith("sandboxd-")]
+bad = [w.name for w in wheels
+       if hashlib.sha256(w.read_bytes()).hexdigest() not in locked.get(key(*w.name.split("-")[:2]), ())]
+if bad:
+    sys.exit(f"images/build.sh: not a file of requirements.lock (version or hash): {', '.join(bad)}")
+EOF
+    echo "wheelhouse: $(find build/wheelhouse -name '*.whl' | wc -l) wheels in build/wheelhouse (requirements.lock)"
 }
 
 if [ "${1:-}" = wheelhouse ]; then wheelhouse; exit 0; fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs to run the demo and the tests: a virtualenv with sandboxd and its
-# dev tools (.venv), a running Docker engine, and the two images (built from a debootstrap base
-# when no registry is reachable). Idempotent: a second run only checks.
+# dev tools at the versions in requirements.lock (.venv), a running Docker engine, and the two
+# images (built from a debootstrap base when no registry is reachable). Idempotent: a second run
+# only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,12 +11,15 @@ if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e '.[dev]'
+# Exactly the tested versions (requirements.lock, hash-checked: `make lock` writes it from
+# pyproject.toml), then sandboxd itself, editable, without letting pip pick anything else.
+.venv/bin/python -m pip install --quiet --require-hashes -r requirements.lock
+.venv/bin/python -m pip install --quiet --no-deps -e .
 # checkov (the chart's security scan, tests only) pins an old `packaging` that pytest cannot use:
-# it gets a venv of its own.
-if [ "${WITH_TEST_TOOLS:-0}" = 1 ] && [ ! -x .venv-checkov/bin/checkov ]; then
-    "$python" -m venv .venv-checkov
-    .venv-checkov/bin/python -m pip install --quiet checkov
+# it gets a venv of its own, from its own lock.
+if [ "${WITH_TEST_TOOLS:-0}" = 1 ]; then
+    [ -x .venv-checkov/bin/python ] || "$python" -m venv .venv-checkov
+    .venv-checkov/bin/python -m pip install --quiet --require-hashes -r requirements-checkov.lock
 fi
 
 scripts/setup-engine.sh
@@ -39,7 +43,7 @@ if [ -n "$packages" ]; then
 fi
 
 # Rebuild when the sources the images are made of changed (so tests never run a stale sandbox).
-source_hash=$(find src images pyproject.toml -type f -not -path '*/__pycache__/*' -print0 | sort -z \
+source_hash=$(find src images pyproject.toml requirements.lock -type f -not -path '*/__pycache__/*' -print0 | sort -z \
     | xargs -0 sha256sum | sha256sum | cut -c1-16)
 built_hash=$(docker image inspect -f '{{ index .Config.Labels "io.sandboxd.source-hash" }}' sandboxd-sandbox:latest 2>/dev/null || true)
 if [ "$built_hash" != "$source_hash" ] || ! docker image inspect sandboxd:latest >/dev/null 2>&1 || [ "${REBUILD:-0}" = 1 ]; then
