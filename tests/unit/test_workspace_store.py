@@ -9,10 +9,12 @@ import json
 import logging
 import multiprocessing
 import os
+import posixpath
 import sys
 import tarfile
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ from typing import Any
 import pytest
 
 from sandboxd.errors import WorkspaceError
+from sandboxd.workspace import snapshot as snapshot_module
 from sandboxd.workspace import store as store_module
+from sandboxd.workspace.snapshot import LINK_MAX_BYTES, NAME_MAX_BYTES
 from sandboxd.workspace.store import RestoreResult, SnapshotError, WorkspaceStore
 
 UID, GID = 10001, 10001
@@ -697,7 +701,227 @@ def test_hostile_links_are_data_and_nothing_outside_the_store_is_touched(
     assert saved.dropped == {"hardlink": 3}
     assert {name: m.linkname for name, (m, _) in out.items()} == {
         "passwd": "/etc/passwd", "canary": str(canary), "other": str(other_entry),
-        "other-manifest": str(other_entry / "manifest.json"), "up": "../../../../../../"}
+        "other-manifest": str(other_entry / "manifest.json"), "up": "/"}  # where ../../../../../../ leads
     assert all(m.issym() for m, _ in out.values())
     assert restored_members(store, "sesn_other")["secret"][1] == b"of another session"
     assert hashlib.sha256(b"sesn_evil").hexdigest() not in os.listdir(root)
+
+
+# --- bounds: whatever the workspace holds, a save costs linear time and bounded memory (issue 18) ---
+
+
+def lazy_tar(members: Iterable[Member]) -> Iterator[bytes]:
+    """The stream of `members` made one header at a time (a big hostile stream is never held whole)."""
+    yield info("workspace", tarfile.DIRTYPE, mode=0o755).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    for member, data in members:
+        yield member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        if data:
+            yield data + b"\0" * (-len(data) % 512)
+    yield b"\0" * 1024
+
+
+def deep_tree(depth: int, files: int, name_bytes: int = NAME_MAX_BYTES) -> Iterator[Member]:
+    """A chain of `depth` directories, then `files` empty files in the deepest, each name `name_bytes` long."""
+    path = ""
+    for _ in range(depth):
+        path = f"{path}/d" if path else "d"
+        yield d(path)
+    pad = name_bytes - len(f"workspace/{path}/") - 8
+    for index in range(files):
+        yield f(f"{path}/{index:08d}" + "x" * pad, b"")
+
+
+def test_a_name_or_link_target_longer_than_linux_allows_fails_the_save(store: WorkspaceStore) -> None:
+    store.save("sesn_a", [tar_bytes([f("v", b"previous")])])
+    too_long = {"name": [f("n" * (NAME_MAX_BYTES - len("workspace/") + 1), b"")],
+                "symlink": [sym("s", "t" * (LINK_MAX_BYTES + 1))],
+                "hardlink": [f("a", b""), hard("h", "workspace/" + "a" * LINK_MAX_BYTES)]}
+    for members in too_long.values():
+        with pytest.raises(SnapshotError) as caught:
+            store.save("sesn_a", [tar_bytes(members)])
+        assert caught.value.reason == "name_too_long"
+    gnu = io.BytesIO()  # a GNU long-name header ('L') is refused before its data is read
+    with tarfile.open(fileobj=gnu, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        tar.addfile(info("n" * 5000))
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", [gnu.getvalue()])
+    assert caught.value.reason == "name_too_long"
+    assert restored_members(store, "sesn_a")["v"][1] == b"previous"
+    # The longest names a sandbox can hold are kept.
+    store.save("sesn_a", [tar_bytes([f("n" * (NAME_MAX_BYTES - len("workspace/")), b"x"),
+                                     sym("s", "t" * LINK_MAX_BYTES)])])
+    assert restored_members(store, "sesn_a")["s"][0].linkname == "t" * LINK_MAX_BYTES
+
+
+def test_names_over_the_budget_fail_the_save(root: Path, clock: Clock) -> None:
+    store = make_store(root, clock, max_name_bytes=50_000, max_members=100_000)
+    store.save("sesn_a", [tar_bytes([f("v", b"previous")])])
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", lazy_tar(deep_tree(1, 100, name_bytes=1000)))
+    assert caught.value.reason == "names_too_large"
+    with pytest.raises(SnapshotError) as caught:  # link targets count too
+        store.save("sesn_a", lazy_tar(sym(f"s{i}", "t" * 1000) for i in range(100)))
+    assert caught.value.reason == "names_too_large"
+    assert restored_members(store, "sesn_a")["v"][1] == b"previous"
+    assert store.save("sesn_a", lazy_tar(deep_tree(1, 40, name_bytes=1000))).members == 41
+
+
+def test_deep_nesting_costs_the_same_per_member_as_a_flat_tree(
+        root: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each member is placed with two hash lookups (its name, its directory) whatever its depth: the bytes
+    hashed stay within twice the bytes of the names. (The quadratic check it replaces looked up every
+    ancestor: 2000 lookups of ~2 KB each per member at depth 2000, ~13 ms a member.)"""
+    store = make_store(root, clock, max_members=100_000)
+    hashed = []
+    real_key = snapshot_module._Copy.key
+
+    def counting_key(self: Any, name: str) -> int:
+        hashed.append(len(name))
+        return real_key(self, name)
+
+    monkeypatch.setattr(snapshot_module._Copy, "key", counting_key)
+    began = time.monotonic()
+    saved = store.save("sesn_deep", lazy_tar(deep_tree(2000, 2000)))
+    seconds = time.monotonic() - began
+    name_bytes = sum(len(m.name) for m, _ in deep_tree(2000, 2000))
+    assert saved.members == 4000
+    assert len(hashed) <= 2 * saved.members and sum(hashed) <= 2 * name_bytes
+    assert seconds < 30, seconds  # ~1 s here; the quadratic check took over a minute
+    out = restored_members(store, "sesn_deep")
+    assert len(out) == 4000 and max(len(name) for name in out) == NAME_MAX_BYTES - len("workspace/")
+
+
+def test_memory_of_a_save_does_not_grow_with_name_lengths(root: Path, clock: Clock) -> None:
+    """4000 files with 4 KB names (16 MB of names) are saved with ~1 MB of Python heap: per member the copy
+    keeps a hash, never the name (the copy it replaces kept every name: ~80 MB for 20k such members)."""
+    store = make_store(root, clock, max_members=100_000)
+    tracemalloc.start()
+    try:
+        saved = store.save("sesn_long", lazy_tar(deep_tree(3, 4000)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert saved.members == 4003
+    assert peak < 6 << 20, peak
+
+
+def test_a_save_past_its_deadline_fails_and_keeps_nothing_new(root: Path, clock: Clock) -> None:
+    store = make_store(root, clock, save_timeout_seconds=0.3)
+    store.save("sesn_a", [tar_bytes([f("v", b"previous")])])
+    raw = tar_bytes([f("big", os.urandom(200_000))])
+
+    def slow() -> Iterator[bytes]:
+        for chunk in chunks(raw, 2000):
+            time.sleep(0.02)  # 100 chunks: 2 s in all
+            yield chunk
+
+    began = time.monotonic()
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", slow())
+    assert caught.value.reason == "timed_out" and time.monotonic() - began < 1.5
+    assert restored_members(store, "sesn_a")["v"][1] == b"previous"
+    assert len(entry_files(store, "sesn_a")) == 2
+
+
+def pax_member(records: bytes, name: str = "workspace/x") -> bytes:
+    """A pax header with the raw `records`, then a ustar header for an empty file `name`."""
+    header = info("././@PaxHeader", tarfile.XHDTYPE, size=len(records)).tobuf(tarfile.USTAR_FORMAT)
+    return header + records + b"\0" * (-len(records) % 512) + tarfile.TarInfo(name).tobuf(tarfile.USTAR_FORMAT)
+
+
+def record(keyword: bytes, value: bytes) -> bytes:
+    body = b" " + keyword + b"=" + value + b"\n"
+    length = len(body) + len(str(len(body)))
+    length = len(body) + len(str(length))
+    return str(length).encode() + body
+
+
+def test_a_pax_header_is_parsed_in_linear_time(store: WorkspaceStore) -> None:
+    """tarfile's parser of Python 3.11.7 searches the records with a backtracking regular expression:
+    900 KB of digits would take hours. Here the records are read by their lengths."""
+    digits = record(b"comment", b"1" * 900_000)
+    named = record(b"path", "workspace/ünï".encode())
+    began = time.monotonic()
+    saved = store.save("sesn_a", [tar_bytes([])[:512] + pax_member(digits + named) + b"\0" * 1024])
+    assert time.monotonic() - began < 10
+    assert saved.members == 1 and set(restored_members(store, "sesn_a")) == {"ünï"}
+
+
+@pytest.mark.parametrize("raw", [
+    pax_member(b"12 path=a\n"),  # a length that does not end on the newline
+    pax_member(b"99 path=workspace/x\n"),  # past the header's end
+    pax_member(b"path=workspace/x\n"),  # no length
+    pax_member(b"9 =value\n"),  # no keyword
+], ids=["wrong-length", "past-the-end", "no-length", "no-keyword"])
+def test_a_malformed_pax_header_is_corrupt(store: WorkspaceStore, raw: bytes) -> None:
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", [tar_bytes([])[:512] + raw + b"\0" * 1024])
+    assert caught.value.reason == "corrupt"
+
+
+def test_global_headers_and_chains_of_extended_headers_are_refused(store: WorkspaceStore) -> None:
+    glob = info("pax_global_header", tarfile.XGLTYPE, size=len(record(b"comment", b"x")))
+    raw = glob.tobuf(tarfile.USTAR_FORMAT) + record(b"comment", b"x").ljust(512, b"\0")
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", [tar_bytes([])[:512] + raw + tar_bytes([f("a", b"")], root_dir=False)])
+    assert caught.value.reason == "unsafe"
+    one = record(b"comment", b"x")
+    chained = b"".join(info("x", tarfile.XHDTYPE, size=len(one)).tobuf(tarfile.USTAR_FORMAT) + one.ljust(512, b"\0")
+                       for _ in range(5000))  # a recursion in tarfile per header
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", [tar_bytes([])[:512] + chained + tar_bytes([f("a", b"")], root_dir=False)])
+    assert caught.value.reason == "corrupt"
+
+
+# --- links: a snapshot is always something put_archive extracts, and nothing lands through a link ---
+
+
+@pytest.mark.parametrize(("name", "target", "accepted"), [
+    # as measured against docker 20.10's put_archive(container, "/workspace", ...)
+    ("up", "../../etc", False), ("up", "/etc", True), ("up", "/../../etc", False), ("d/up", "../../etc", False),
+    ("d/up", "../x", True), ("a", "d/../../etc", False), ("esc", "sub/p/..", True), ("x", "../workspace2", True),
+    ("up", "..", False), ("d/up", "..", True), ("e", "", False),
+])
+def test_the_engine_model_matches_what_put_archive_refuses(name: str, target: str, accepted: bool) -> None:
+    directory = posixpath.dirname(f"/workspace/{name}")
+    assert snapshot_module.engine_accepts_symlink(directory, target) is accepted
+
+
+def test_symlinks_leaving_the_workspace_by_dot_dot_are_kept_with_the_target_they_resolve_to(
+        store: WorkspaceStore, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    members = [sym("up", "../../etc"), d("a"), d("a/b"), sym("a/b/passwd", "../../../../etc/passwd"),
+               sym("a/in", "../x"), sym("a/root", "../../.."), sym("abs", "/etc/shadow"),
+               sym("abs-up", "/../../etc/hosts"), sym("mid", "a/../../etc"), sym("dir-slash", ".././../usr/"),
+               sym("weird", "../../x/../../../../y"), sym("empty", "")]
+    saved = store.save("sesn_links", [tar_bytes(members)])
+    out = restored_members(store, "sesn_links")
+    assert {name: m.linkname for name, (m, _) in out.items() if m.issym()} == {
+        "up": "/etc", "a/b/passwd": "/etc/passwd", "a/in": "../x", "a/root": "/", "abs": "/etc/shadow",
+        "abs-up": "/etc/hosts", "mid": "/workspace/a/../../etc", "dir-slash": "/usr/"}
+    assert saved.links_rewritten == 6 and saved.dropped == {"symlink": 2}  # weird and empty: no such target
+    assert "workspace_snapshot_links_rewritten session_id=sesn_links count=6" in caplog.text
+    assert "workspace_snapshot_dropped session_id=sesn_links kind=symlink count=2" in caplog.text
+    for name, (member, _) in out.items():
+        if member.issym():
+            assert snapshot_module.engine_accepts_symlink(posixpath.dirname(f"/workspace/{name}"), member.linkname)
+
+
+@pytest.mark.parametrize("members", [
+    [d("a"), sym("a", "/etc"), f("a/passwd", b"root::0:0")],  # a directory turned into a link, then written through
+    [f("q/r", b"no directory q before it")],
+    [f("f", b"x"), hard("h", "workspace/f"), f("h/x", b"below a hard link")],
+    [(info("p", tarfile.FIFOTYPE), None), f("p/x", b"below a dropped fifo")],
+], ids=["dir-then-symlink-then-file", "ahead-of-its-directory", "below-a-hard-link", "below-a-dropped-member"])
+def test_a_member_not_below_a_directory_copied_before_it_is_refused(
+        store: WorkspaceStore, members: list[Member]) -> None:
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", [tar_bytes(members)])
+    assert caught.value.reason == "unsafe"
+
+
+def test_error_messages_show_names_cut_short(store: WorkspaceStore, caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(SnapshotError) as caught:
+        store.save("sesn_a", [tar_bytes([f("a" * 3000, b"1"), f("a" * 3000, b"2")])])
+    assert caught.value.reason == "unsafe" and len(str(caught.value)) < 200
+    assert all(len(r.getMessage()) < 400 for r in caplog.records)

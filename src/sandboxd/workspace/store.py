@@ -28,7 +28,18 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from .snapshot import CHUNK, CODECS, CopyStats, SnapshotError, SnapshotFailure, SourceFailed, Tap, copy_workspace
+from .snapshot import (
+    CHUNK,
+    CODECS,
+    NAMES_MAX_BYTES,
+    SAVE_TIMEOUT_SECONDS,
+    CopyStats,
+    SnapshotError,
+    SnapshotFailure,
+    SourceFailed,
+    Tap,
+    copy_workspace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +76,11 @@ class SnapshotInfo:
     tar_bytes: int  # the uncompressed tar a restore hands out
     content_bytes: int  # regular file content, what max_bytes bounds
     members: int
-    dropped: Mapping[str, int]  # kind (device, fifo, hardlink, other) -> count
+    dropped: Mapping[str, int]  # kind (device, fifo, hardlink, symlink, other) -> count
     setid_stripped: int
     saved_at: float
     seconds: float
+    links_rewritten: int = 0  # symlinks kept with the absolute target they resolve to (see snapshot)
 
 
 @dataclass
@@ -201,18 +213,22 @@ def _unlink(path: Path) -> int:
 class WorkspaceStore:
     """Saves, restores and retires session workspace snapshots below `root` (blocking; run in a thread).
 
-    `max_bytes` bounds one workspace's file content and `max_members` its entries; `store_max_bytes`
-    bounds the whole store (enforced by `sweep`); snapshots older than `retention_seconds` expire.
-    Restored archives are spooled in `spool_dir` (the system temp directory by default).
+    `max_bytes` bounds one workspace's file content, `max_members` its entries, `max_name_bytes` the
+    bytes of all its names and link targets, and `save_timeout_seconds` the time one save may take;
+    `store_max_bytes` bounds the whole store (enforced by `sweep`); snapshots older than
+    `retention_seconds` expire. Restored archives are spooled in `spool_dir` (the system temp
+    directory by default).
     """
 
     def __init__(self, root: Path, *, max_bytes: int, store_max_bytes: int, retention_seconds: float, uid: int,
                  gid: int, clock: Callable[[], float] = time.time, max_members: int = 500_000,
+                 max_name_bytes: int = NAMES_MAX_BYTES, save_timeout_seconds: float = SAVE_TIMEOUT_SECONDS,
                  compression: str = "zstd", spool_dir: Path | None = None) -> None:
         if compression not in CODECS:
             raise ValueError(f"unknown compression {compression!r}")
         self.root = root
         self.max_bytes, self.max_members = max_bytes, max_members
+        self.max_name_bytes, self.save_timeout_seconds = max_name_bytes, save_timeout_seconds
         self.store_max_bytes, self.retention_seconds = store_max_bytes, retention_seconds
         self.uid, self.gid = uid, gid
         self._clock = clock
@@ -229,7 +245,8 @@ class WorkspaceStore:
         """Store docker's tar of /workspace as the session's snapshot, replacing the previous one.
 
         Raises SnapshotError (the previous snapshot stays); an exception raised by `tar_stream`
-        propagates unchanged, with the same guarantee.
+        propagates unchanged, with the same guarantee. The whole save, from this call, must end
+        within `save_timeout_seconds` (checked on every read of `tar_stream` and every member).
         """
         began = time.monotonic()
         entry = self.entry(session_id)
@@ -240,7 +257,8 @@ class WorkspaceStore:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             entry.mkdir(mode=0o700, exist_ok=True)
-            manifest, stats = self._write_snapshot(session_id, tar_stream, tmp, snapshot)
+            manifest, stats = self._write_snapshot(session_id, tar_stream, tmp, snapshot,
+                                                   began + self.save_timeout_seconds)
             with _create(manifest_tmp) as handle:  # written before the snapshot is named: see _drop_unreferenced
                 handle.write(manifest.to_json())
                 handle.flush()
@@ -261,20 +279,24 @@ class WorkspaceStore:
                  _log_id(session_id), manifest.stored_bytes, manifest.tar_bytes, manifest.members, seconds)
         return SnapshotInfo(session_id, snapshot, manifest.sha256, manifest.stored_bytes, manifest.tar_bytes,
                             manifest.content_bytes, manifest.members, dict(stats.dropped), stats.setid_stripped,
-                            manifest.saved_at, seconds)
+                            manifest.saved_at, seconds, stats.links_rewritten)
 
-    def _write_snapshot(self, session_id: str, tar_stream: Iterable[bytes], tmp: Path,
-                        snapshot: str) -> tuple[_Manifest, CopyStats]:
+    def _write_snapshot(self, session_id: str, tar_stream: Iterable[bytes], tmp: Path, snapshot: str,
+                        deadline: float) -> tuple[_Manifest, CopyStats]:
         with _create(tmp) as raw:
             tap = Tap(raw, hashed=True)
             compressed = self._codec.writer(tap)  # type: ignore[arg-type]
             stats = copy_workspace(tar_stream, compressed, max_bytes=self.max_bytes, max_members=self.max_members,
-                                   uid=self.uid, gid=self.gid)
+                                   uid=self.uid, gid=self.gid, max_name_bytes=self.max_name_bytes,
+                                   deadline=deadline)
             compressed.close()
             raw.flush()
             os.fsync(raw.fileno())
         for kind, count in sorted(stats.dropped.items()):
             log.info("workspace_snapshot_dropped session_id=%s kind=%s count=%d", _log_id(session_id), kind, count)
+        if stats.links_rewritten:
+            log.info("workspace_snapshot_links_rewritten session_id=%s count=%d (symlinks put_archive would refuse, "
+                     "kept with the absolute target they resolve to)", _log_id(session_id), stats.links_rewritten)
         if stats.setid_stripped:
             log.info("workspace_snapshot_setid_stripped session_id=%s count=%d", _log_id(session_id),
                      stats.setid_stripped)
