@@ -8,6 +8,12 @@ allow-list (`allowlist.py`); it is resolved once; *every* resolved address must 
 `addresses.refusal` unless an explicit `host:port` entry names that endpoint; and the proxy then
 connects to one of those same checked addresses, never resolving again, so a rebinding DNS answer
 cannot swap the target. Audit mode lets refusals through, logged and counted as `audit`.
+
+What is forwarded must be what was checked. Plain HTTP is parsed and framed request by request
+(`http1.py`): the Host header must name the checked target, the body framing must be unambiguous,
+and each request on a kept-alive connection is decided afresh and gets its own upstream
+connection. A CONNECT to a name carries TLS whose ClientHello names that same host (`tls.py`).
+Every refusal is logged and reported to `on_refused` with its `RefusalReason`.
 """
 
 from __future__ import annotations
@@ -18,21 +24,37 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import anyio
 import anyio.abc
 
 from .addresses import refusal
-from .allowlist import EgressPolicy, is_ip_literal, normalise_host, parse_port, split_host_port
+from .allowlist import EgressPolicy, is_ip_literal, normalise_host
+from .http1 import (
+    MAX_HEAD_BYTES,
+    MAX_HEADERS,
+    AmbiguousFraming,
+    BadRequest,
+    ClientGone,
+    Exchange,
+    HeadTooLarge,
+    HostMismatch,
+    ProxyRequest,
+    UpstreamFailed,
+    answer,
+    parse_request,
+    read_head,
+    receive_some,
+)
 from .sockets import serve_connections, splice, unix_listener
+from .tls import MAX_HELLO_BYTES, ClientHello, HelloTooLarge, NotClientHello, read_client_hello
 
-__all__ = ["Decision", "EgressGate", "EgressPolicy", "EgressProxy", "ProxyRequest", "Verdict", "parse_request"]
+__all__ = ["BadRequest", "Decision", "EgressGate", "EgressPolicy", "EgressProxy", "ProxyRequest", "RefusalReason",
+           "Verdict", "parse_request"]
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 16384
-_HOP_BY_HOP = frozenset({"proxy-connection", "proxy-authorization", "connection", "keep-alive"})
+_STREAM_ERRORS = (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
 
 # (host, port) -> addresses, in preference order. Raises OSError when the name does not resolve.
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
@@ -48,6 +70,27 @@ class Decision(StrEnum):
     AUDIT = "audit"
 
 
+class RefusalReason(StrEnum):
+    """Why the proxy refused a request or a tunnel: a bounded set, fit for a metric label."""
+
+    NOT_ALLOWED = "not_allowed"  # the name, or the port, is not on the allow-list (403)
+    ADDRESS = "address"  # the name resolves to, or is, an address on the refusal list (403)
+    UNRESOLVED = "unresolved"  # the name does not resolve (502)
+    BAD_REQUEST = "bad_request"  # malformed, or not a proxy request (400)
+    TOO_LARGE = "too_large"  # a head over the size bound or with too many fields (431); a ClientHello too large
+    SMUGGLING = "smuggling"  # ambiguous or invalid body framing: CL and TE, a bad CL, TE not chunked, bad chunks (400)
+    HOST_MISMATCH = "host_mismatch"  # the Host header names another host or port, or appears twice (403)
+    HEADER_TIMEOUT = "header_timeout"  # the request head did not arrive in time (408)
+    NOT_TLS = "not_tls"  # a CONNECT to a name whose first bytes are not a TLS ClientHello
+    NO_SNI = "no_sni"  # a ClientHello without server_name
+    SNI_MISMATCH = "sni_mismatch"  # a ClientHello naming another host than the CONNECT
+    HIDDEN_SNI = "hidden_sni"  # a ClientHello with encrypted_client_hello (or ESNI): the real name is hidden
+    HELLO_TIMEOUT = "hello_timeout"  # the ClientHello did not arrive in time
+
+
+_STATUS = {RefusalReason.TOO_LARGE: 431, RefusalReason.HOST_MISMATCH: 403, RefusalReason.HEADER_TIMEOUT: 408}
+
+
 @dataclass(frozen=True)
 class Verdict:
     """What the proxy decided for one request, and the checked addresses it may connect to."""
@@ -58,6 +101,7 @@ class Verdict:
     addresses: tuple[str, ...] = ()
     reason: str = ""
     status: int = 200  # the HTTP status a refusal is answered with (403, or 502 for a name that does not resolve)
+    refused_for: RefusalReason | None = None  # set on a refusal
 
 
 async def resolve(host: str, port: int) -> list[str]:
@@ -101,13 +145,16 @@ class EgressGate:
         rule = self.policy.rule_for(host, port)
         problem = None if rule is not None else "not in the allow-list"
         if problem and not self.policy.audit:
-            return Verdict(Decision.REFUSED, host, port, reason=problem, status=403)
+            return Verdict(Decision.REFUSED, host, port, reason=problem, status=403,
+                           refused_for=RefusalReason.NOT_ALLOWED)
         try:
             addresses = tuple(dict.fromkeys(await self._addresses(host, port)))
         except OSError as exc:
-            return Verdict(Decision.REFUSED, host, port, reason=f"does not resolve ({exc})", status=502)
+            return Verdict(Decision.REFUSED, host, port, reason=f"does not resolve ({exc})", status=502,
+                           refused_for=RefusalReason.UNRESOLVED)
         if not addresses:
-            return Verdict(Decision.REFUSED, host, port, reason="does not resolve", status=502)
+            return Verdict(Decision.REFUSED, host, port, reason="does not resolve", status=502,
+                           refused_for=RefusalReason.UNRESOLVED)
         if problem is None and not (rule is not None and rule.explicit):
             # Every address, not the first: a name with one public and one internal address is refused.
             for address in addresses:
@@ -122,7 +169,7 @@ class EgressGate:
             return Verdict(Decision.ALLOWED, host, port, addresses)
         if self.policy.audit:
             return Verdict(Decision.AUDIT, host, port, addresses, reason=problem)
-        return Verdict(Decision.REFUSED, host, port, reason=problem, status=403)
+        return Verdict(Decision.REFUSED, host, port, reason=problem, status=403, refused_for=RefusalReason.ADDRESS)
 
     async def _addresses(self, host: str, port: int) -> Sequence[str]:
         if is_ip_literal(host):
@@ -130,76 +177,38 @@ class EgressGate:
         return await self._resolver(host, port)
 
 
-@dataclass(frozen=True)
-class ProxyRequest:
-    """A parsed proxy request: where to, and for plain HTTP the head to send upstream."""
-
-    method: str
-    host: str
-    port: int
-    upstream_head: bytes = b""  # empty for CONNECT
-
-
-class BadRequest(ValueError):
-    """The client's request is not one this proxy serves (answered 400)."""
-
-
-def parse_request(head: bytes) -> ProxyRequest:
-    """Parse a request head (without its blank line): CONNECT authority, or absolute-form http:// URL."""
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise BadRequest("malformed request line")
-    method, target, version = parts
-    if method == "CONNECT":
-        host, port_text = split_host_port(target)
-        if port_text is None:
-            raise BadRequest("CONNECT needs host:port")
-        return ProxyRequest(method, _valid_host(host), parse_port(port_text))
-    url = urlsplit(target)
-    if url.scheme.lower() != "http" or not url.hostname:
-        raise BadRequest("only absolute http:// URLs are proxied; use CONNECT for https")
-    port = url.port or 80
-    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    kept = [f"{method} {path} {version}"]
-    has_host = False
-    for line in lines[1:]:
-        name, sep, _ = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise BadRequest("malformed header line")
-        if name.lower() in _HOP_BY_HOP:
-            continue
-        has_host = has_host or name.lower() == "host"
-        kept.append(line)
-    if not has_host:
-        kept.append(f"Host: {url.netloc.rpartition('@')[2]}")
-    kept.append("Connection: close")  # one request per upstream connection: its target was checked
-    return ProxyRequest(method, _valid_host(url.hostname), port, ("\r\n".join(kept) + "\r\n\r\n").encode("latin-1"))
-
-
-def _valid_host(host: str) -> str:
-    canonical = normalise_host(host)
-    if canonical is None:
-        raise BadRequest("the target is not a host name or IP address")
-    return canonical
-
-
 class EgressProxy:
-    """The allow-list proxy, served on a unix socket and, for tests, optionally on a loopback TCP port."""
+    """The allow-list proxy, served on a unix socket and, for tests, optionally on a loopback TCP port.
+
+    `handle(client)` serves one client connection; `serve()` listens and calls it for each. Bounds
+    per connection: `header_timeout_seconds` to receive a whole request head, `idle_timeout_seconds`
+    between requests on a kept-alive connection, `hello_timeout_seconds` for a tunnel's ClientHello;
+    `max_head_bytes` and `max_headers` per request head, `max_hello_bytes` per ClientHello.
+    """
 
     def __init__(self, policy: EgressPolicy, socket_path: Path | None = None, *, tcp_port: int | None = None,
                  resolver: Resolver = resolve, connector: Connector = connect,
-                 on_decision: Callable[[Decision], None] | None = None, max_connections: int = 256,
-                 connect_timeout_seconds: float = 10.0, header_timeout_seconds: float = 30.0) -> None:
+                 on_decision: Callable[[Decision], None] | None = None,
+                 on_refused: Callable[[RefusalReason], None] | None = None, max_connections: int = 256,
+                 connect_timeout_seconds: float = 10.0, header_timeout_seconds: float = 10.0,
+                 idle_timeout_seconds: float = 60.0, hello_timeout_seconds: float = 10.0,
+                 max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADERS,
+                 max_hello_bytes: int = MAX_HELLO_BYTES) -> None:
         if socket_path is None and tcp_port is None:
             raise ValueError("the egress proxy needs a socket path or a TCP port")
         self.gate = EgressGate(policy, resolver=resolver, on_decision=on_decision)
         self.socket_path = socket_path
         self.tcp_port = tcp_port  # after start-up: the bound port (tcp_port=0 picks a free one)
         self._connector = connector
+        self._on_refused = on_refused
         self._max_connections = max_connections
         self._connect_timeout_seconds = connect_timeout_seconds
         self._header_timeout_seconds = header_timeout_seconds
+        self._idle_timeout_seconds = idle_timeout_seconds
+        self._hello_timeout_seconds = hello_timeout_seconds
+        self._max_head_bytes = max_head_bytes
+        self._max_headers = max_headers
+        self._max_hello_bytes = max_hello_bytes
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen, report started, and serve until cancelled; the socket file is removed on exit."""
@@ -227,35 +236,120 @@ class EgressProxy:
             await serve_connections(listener, self.handle, max_connections=self._max_connections, name="egress")
 
     async def handle(self, client: anyio.abc.ByteStream) -> None:
-        """Serve one client connection: one CONNECT tunnel or one plain HTTP request."""
+        """Serve one client connection: plain HTTP requests, each checked and forwarded in turn, or one tunnel."""
+        buffered: bytes | None = b""
+        first = True
+        while buffered is not None:
+            head = await self._next_head(client, buffered, first)
+            if head is None:
+                return
+            try:
+                request = parse_request(head[0], max_head_bytes=self._max_head_bytes, max_headers=self._max_headers)
+            except BadRequest as exc:
+                await self._refuse_request(client, exc)
+                return
+            if request.method == "CONNECT":
+                await self._tunnel(client, request, head[1])
+                return
+            buffered = await self._forward(client, request, head[1])
+            first = False
+
+    async def _next_head(self, client: anyio.abc.ByteStream, buffered: bytes,
+                         first: bool) -> tuple[bytes, bytes] | None:
+        """The next request head and the bytes after it; None (a refusal answered) when there is none to serve."""
+        if not buffered and not first:
+            with anyio.move_on_after(self._idle_timeout_seconds):
+                buffered = await receive_some(client)
+            if not buffered:
+                return None  # closed, or idle too long: a kept-alive connection ends quietly
         try:
             with anyio.fail_after(self._header_timeout_seconds):
-                head, rest = await _read_head(client)
-            request = parse_request(head)
+                return await read_head(client, buffered, max_bytes=self._max_head_bytes)
         except TimeoutError:
-            return
-        except ValueError as exc:  # BadRequest, a bad port or address
-            log.warning("egress_bad_request error=%s", exc)
-            await _answer(client, 400, f"bad request: {exc}")
-            return
-        verdict = await self.gate.decide(request.host, request.port)
-        if verdict.decision is Decision.REFUSED:
-            await _answer(client, verdict.status, f"{request.host}:{request.port} refused: {verdict.reason}")
-            return
-        upstream = await self._connect(verdict)
+            self._refused(RefusalReason.HEADER_TIMEOUT, None, None, "the request head did not arrive in time")
+            await answer(client, 408, "refused (header_timeout): the request head did not arrive in time")
+        except BadRequest as exc:  # HeadTooLarge
+            await self._refuse_request(client, exc)
+        except _STREAM_ERRORS:
+            pass
+        return None
+
+    async def _forward(self, client: anyio.abc.ByteStream, request: ProxyRequest, buffered: bytes) -> bytes | None:
+        """Forward one plain HTTP request and relay its response: what the client sent next, or None to close."""
+        try:
+            exchange = Exchange(client, request, buffered, max_head_bytes=self._max_head_bytes)
+        except BadRequest as exc:
+            await self._refuse_request(client, exc)
+            return None
+        verdict = await self._decide(client, request)
+        upstream = await self._open(client, verdict) if verdict is not None else None
         if upstream is None:
-            await _answer(client, 502, f"{request.host}:{request.port} could not be reached")
+            return None
+        async with upstream:
+            try:
+                await exchange.relay(upstream)
+            except BadRequest as exc:  # the body's framing
+                await self._refuse_request(client, exc, respond=not exchange.answered)
+                return None
+            except UpstreamFailed as exc:
+                log.warning("egress_upstream_failed host=%s port=%d error=%s", request.host, request.port, exc)
+                if not exchange.answered:
+                    await answer(client, 502, f"{request.host}:{request.port} sent no valid HTTP/1.x response")
+                return None
+            except ClientGone:
+                return None
+        return exchange.leftover
+
+    async def _tunnel(self, client: anyio.abc.ByteStream, request: ProxyRequest, buffered: bytes) -> None:
+        """A CONNECT: decided and connected; to a name, the ClientHello is checked before any byte goes up."""
+        verdict = await self._decide(client, request)
+        upstream = await self._open(client, verdict) if verdict is not None else None
+        if upstream is None:
             return
         async with upstream:
-            if request.method == "CONNECT":
-                await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            else:
-                await upstream.send(request.upstream_head)
-            if rest:
-                await upstream.send(rest)
-            await splice(client, upstream, end_with_b=request.method != "CONNECT")
+            await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            if not is_ip_literal(request.host):  # an address was checked itself: there is no name to compare
+                checked = await self._checked_hello(client, request, buffered)
+                if checked is None:
+                    return
+                buffered = checked
+            if buffered:
+                await upstream.send(buffered)
+            await splice(client, upstream)
 
-    async def _connect(self, verdict: Verdict) -> anyio.abc.ByteStream | None:
+    async def _checked_hello(self, client: anyio.abc.ByteStream, request: ProxyRequest,
+                             buffered: bytes) -> bytes | None:
+        """The client's first bytes, a ClientHello naming the CONNECT host; None when refused or gone."""
+        try:
+            with anyio.fail_after(self._hello_timeout_seconds):
+                hello, data = await read_client_hello(client, buffered, max_bytes=self._max_hello_bytes)
+        except TimeoutError:
+            reason = RefusalReason.HELLO_TIMEOUT
+        except HelloTooLarge:
+            reason = RefusalReason.TOO_LARGE
+        except NotClientHello:
+            reason = RefusalReason.NOT_TLS
+        except (anyio.EndOfStream, *_STREAM_ERRORS):
+            return None
+        else:
+            problem = _sni_problem(hello, request.host)
+            if problem is None:
+                return data
+            reason = problem
+        self._refused(reason, request.host, request.port, "the tunnel is closed")
+        return None
+
+    async def _decide(self, client: anyio.abc.ByteStream, request: ProxyRequest) -> Verdict | None:
+        """The gate's verdict on the target; None when it refuses (answered, and counted: the gate logged it)."""
+        verdict = await self.gate.decide(request.host, request.port)
+        if verdict.decision is not Decision.REFUSED:
+            return verdict
+        if self._on_refused is not None and verdict.refused_for is not None:
+            self._on_refused(verdict.refused_for)
+        await answer(client, verdict.status, f"{request.host}:{request.port} refused: {verdict.reason}")
+        return None
+
+    async def _open(self, client: anyio.abc.ByteStream, verdict: Verdict) -> anyio.abc.ByteStream | None:
         """Connect to the first of the verdict's checked addresses that answers (never a fresh lookup)."""
         for address in verdict.addresses:
             try:
@@ -264,28 +358,38 @@ class EgressProxy:
             except (OSError, TimeoutError) as exc:
                 log.warning("egress_connect_failed host=%s port=%d address=%s error=%s",
                             verdict.host, verdict.port, address, exc)
+        await answer(client, 502, f"{verdict.host}:{verdict.port} could not be reached")
         return None
 
+    async def _refuse_request(self, client: anyio.abc.ByteStream, exc: BadRequest, *, respond: bool = True) -> None:
+        reason = _reason_for(exc)
+        self._refused(reason, exc.host, exc.port, str(exc))
+        if respond:
+            await answer(client, _STATUS.get(reason, 400), f"refused ({reason}): {exc}")
 
-async def _read_head(stream: anyio.abc.ByteStream) -> tuple[bytes, bytes]:
-    buffer = b""
-    while b"\r\n\r\n" not in buffer:
-        if len(buffer) > MAX_HEAD_BYTES:
-            raise BadRequest("request head too large")
-        try:
-            buffer += await stream.receive()
-        except anyio.EndOfStream:
-            raise BadRequest("connection closed before the request head ended") from None
-    head, _, rest = buffer.partition(b"\r\n\r\n")
-    return head, rest
+    def _refused(self, reason: RefusalReason, host: str | None, port: int | None, detail: str) -> None:
+        """Log and count a refusal. `detail` is the proxy's own text: never a header value or other client bytes."""
+        log.warning("egress_refused host=%s port=%s reason=%s detail=%s", host or "-", port or "-", reason, detail)
+        if self._on_refused is not None:
+            self._on_refused(reason)
 
 
-async def _answer(client: anyio.abc.ByteStream, status: int, message: str) -> None:
-    phrase = {400: "Bad Request", 403: "Forbidden", 502: "Bad Gateway"}.get(status, "Error")
-    body = f"sandboxd egress: {message}\n".encode("utf-8", "replace")
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    try:
-        await client.send(head + body)
-    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-        pass
+def _reason_for(exc: BadRequest) -> RefusalReason:
+    if isinstance(exc, HeadTooLarge):
+        return RefusalReason.TOO_LARGE
+    if isinstance(exc, HostMismatch):
+        return RefusalReason.HOST_MISMATCH
+    if isinstance(exc, AmbiguousFraming):
+        return RefusalReason.SMUGGLING
+    return RefusalReason.BAD_REQUEST
+
+
+def _sni_problem(hello: ClientHello, host: str) -> RefusalReason | None:
+    """Why a ClientHello may not open a tunnel to `host` (canonical), or None: its SNI must be that host."""
+    if hello.hidden_name:
+        return RefusalReason.HIDDEN_SNI
+    if hello.server_name is None:
+        return RefusalReason.NO_SNI
+    if hello.server_name.lower().removesuffix(".") != host:
+        return RefusalReason.SNI_MISMATCH
+    return None
