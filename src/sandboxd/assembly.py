@@ -7,6 +7,7 @@ it does not need (and nothing imports back into the CLI).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from contextlib import AsyncExitStack
@@ -15,7 +16,8 @@ import anyio
 
 from .containers import DockerBackend, SandboxSpec
 from .daemon import Daemon, Summary
-from .errors import EngineError
+from .disks import LoopDisks
+from .errors import ConfigError, EngineError
 from .exporter import collecting
 from .health import HealthState, serving
 from .lifecycle import Lifecycle, LifecycleLimits
@@ -29,6 +31,8 @@ from .session import SessionLimits, SessionSupervisor
 from .settings import Settings
 from .workspace import WorkspaceConfig, Workspaces
 from .workspace.store import WorkspaceStore
+
+log = logging.getLogger(__name__)
 
 
 def instance_name(settings: Settings) -> str:
@@ -64,6 +68,23 @@ def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> Sandbo
         extra_env=ways_out.sandbox_env() if ways_out else {},
         channel_dir=str(ways_out.socket_dir) if ways_out else None,
     )
+
+
+def workspace_disks(settings: Settings) -> LoopDisks | None:
+    """A filesystem per workspace where this host allows it (see sandboxd.disks), else None: the poll."""
+    if settings.workspace_quota == "poll":
+        return None
+    why = LoopDisks.unavailable(os.environ.get("DOCKER_HOST"))
+    if why:
+        if settings.workspace_quota == "filesystem":
+            raise ConfigError(f"`workspace_quota = filesystem` is not possible here: {why}")
+        log.warning("workspace_quota mode=poll reason=%r (writes are bounded by a poll of sizes)", why)
+        return None
+    uid, gid = (int(n) for n in settings.sandbox_user.split(":"))
+    log.info("workspace_quota mode=filesystem max_bytes=%d max_inodes=%d", settings.workspace_max_bytes,
+             settings.workspace_max_inodes)
+    return LoopDisks(settings.state_dir / "disks", settings.workspace_max_bytes, settings.workspace_max_inodes,
+                     uid, gid)
 
 
 def lifecycle_limits(settings: Settings) -> LifecycleLimits:
@@ -104,7 +125,7 @@ async def run_daemon(
     ways_out = channels(settings)
     if ways_out is not None:
         ways_out.prepare()
-    backend = backend or DockerBackend.from_env(sandbox_spec(settings, ways_out))
+    backend = backend or DockerBackend.from_env(sandbox_spec(settings, ways_out), workspace_disks(settings))
     if not await backend.ping():
         raise EngineError("the Docker engine does not answer (is dockerd running? DOCKER_HOST?)")
     queue = WorkQueue(

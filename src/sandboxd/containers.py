@@ -29,6 +29,7 @@ import docker.errors
 import requests
 from docker.types import LogConfig, Mount
 
+from .disks import DiskError, LoopDisks
 from .errors import EngineError, LaunchError
 from .sandbox import (
     LABEL_CREATED,
@@ -79,17 +80,19 @@ class SandboxSpec:
 class DockerBackend:
     """Creates, supervises and removes sandbox containers through the Docker engine API."""
 
-    def __init__(self, client: docker.DockerClient, spec: SandboxSpec, *, max_threads: int = 16) -> None:
+    def __init__(self, client: docker.DockerClient, spec: SandboxSpec, *, max_threads: int = 16,
+                 disks: LoopDisks | None = None) -> None:
         self._client = client
         self.spec = spec
+        self.disks = disks  # a filesystem per workspace (None: the disk watch polls sizes instead)
         self._calls = anyio.CapacityLimiter(max_threads)
         self._waits = anyio.CapacityLimiter(2048)  # a long `wait` and a log follower per sandbox
 
     @classmethod
-    def from_env(cls, spec: SandboxSpec) -> DockerBackend:
+    def from_env(cls, spec: SandboxSpec, disks: LoopDisks | None = None) -> DockerBackend:
         """Connect with DOCKER_HOST / DOCKER_TLS_VERIFY / DOCKER_CERT_PATH, like the docker CLI."""
         try:
-            return cls(docker.from_env(timeout=120), spec)
+            return cls(docker.from_env(timeout=120), spec, disks=disks)
         except docker.errors.DockerException as exc:
             raise EngineError(f"cannot reach the Docker engine: {exc}") from exc
 
@@ -142,8 +145,7 @@ class DockerBackend:
                     tg.start_soon(self._resolve_image, sandbox)
                 else:
                     sandbox.image_id = image_id
-                await self._call(self._client.volumes.create, name=sandbox.volume,
-                                 labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}))
+                await self._create_volume(sandbox)
             sandbox.container_id = await self._call(self._create, sandbox)
             await self._call(self._client.api.start, sandbox.container_id)
             sandbox.stdin = await self._call(self._attach_stdin, sandbox.container_id)
@@ -155,6 +157,18 @@ class DockerBackend:
                 raise
             raise error from exc
         return sandbox
+
+    async def _create_volume(self, sandbox: Sandbox) -> None:
+        """The workspace volume: bound to a filesystem of its own when the host allows it (see disks)."""
+        options: dict[str, Any] = {}
+        if self.disks is not None:
+            try:
+                mountpoint = await self._call(self.disks.make, sandbox.name)
+            except DiskError as exc:
+                raise LaunchError("workspace_disk", str(exc)) from exc
+            options = {"driver": "local", "driver_opts": {"type": "none", "o": "bind", "device": str(mountpoint)}}
+        await self._call(self._client.volumes.create, name=sandbox.volume,
+                         labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}), **options)
 
     async def _resolve_image(self, sandbox: Sandbox) -> None:
         sandbox.image_id = await self.image_id()
@@ -331,6 +345,8 @@ class DockerBackend:
         except _ENGINE_ERRORS:
             return False
         done += [await self._quietly(self._client.api.remove_volume, volume, force=True) for volume in volumes]
+        if self.disks is not None and all(done):
+            await self._call(self.disks.destroy, sandbox.name)
         return all(done)
 
     async def _labelled(self, kind: str, sandbox: str, *, strict: bool = False) -> list[str]:
@@ -388,6 +404,9 @@ class DockerBackend:
         # Volumes whose container is gone (a crash between the two creates): remove them too.
         for name in await self._volume_owners() - names:
             found.append(Found(Sandbox("", name, record=records.get(name)), False, -1, False))
+        if self.disks is not None:  # workspace filesystems of sandboxes that are gone altogether
+            for name in self.disks.leftovers({f.sandbox.name for f in found}):
+                await self._call(self.disks.destroy, name)
         return found
 
     async def _exit_of(self, container_id: str) -> tuple[int, bool]:
@@ -402,15 +421,16 @@ class DockerBackend:
         listing = await self._call(self._client.api.volumes, filters={"label": mine})
         return {(v.get("Labels") or {}).get(LABEL_SANDBOX, "") for v in (listing or {}).get("Volumes") or []} - {""}
 
-    async def workspace_bytes(self) -> dict[str, int]:
-        """Bytes used by each of this instance's workspace volumes, as the engine measures them."""
+    async def workspace_bytes(self) -> dict[str, int] | None:
+        """Bytes used by each of this instance's workspace volumes, as the engine measures them; None
+        when the engine could not say (down, or slower than the client's timeout)."""
         try:
             usage = await self._call(self._client.api._result,
                                      self._client.api._get(self._client.api._url("/system/df"),
                                                            params={"type": "volume"}), True)
         except _ENGINE_ERRORS as exc:
             log.warning("disk_usage_unavailable error=%s", exc)
-            return {}
+            return None
         sizes = {}
         for volume in usage.get("Volumes") or []:
             labels = volume.get("Labels") or {}

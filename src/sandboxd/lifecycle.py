@@ -303,13 +303,23 @@ class Lifecycle:
         self._tracked.pop(tracked.sandbox.name, None)
 
     async def _watch_disk(self) -> None:
-        """Stop a session whose /workspace grew past workspace_max_bytes (checked by the engine)."""
+        """Stop a session whose /workspace grew past workspace_max_bytes (checked by the engine).
+
+        Only where no filesystem bounds the workspace (`backend.disks`). A poll that fails or
+        times out checks nothing: it is counted and logged, never taken for "all within bounds".
+        """
+        if getattr(self.backend, "disks", None) is not None:
+            return
         limit = self.limits.workspace_max_bytes
         while True:
             await anyio.sleep(self.limits.disk_check_interval_seconds)
             if not self.assigned():
                 continue
             sizes = await self.backend.workspace_bytes()
+            if sizes is None:
+                self._metrics.disk_check_failures.inc()
+                log.warning("disk_check_failed sandboxes=%d; no workspace was checked", len(self.assigned()))
+                continue
             for tracked in self.assigned():
                 used = sizes.get(tracked.sandbox.name, -1)
                 if used > limit and not tracked.stop_requested.is_set():

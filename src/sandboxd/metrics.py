@@ -14,7 +14,7 @@ from . import __version__
 from .outcome import Outcome
 
 # Launch failure reasons (LaunchError.reason) and workspace failure reasons (WorkspaceError.reason).
-LAUNCH_REASONS = ("image_missing", "engine_unavailable", "engine_error", "create_failed")
+LAUNCH_REASONS = ("image_missing", "engine_unavailable", "engine_error", "create_failed", "workspace_disk")
 WORKSPACE_REASONS = (
     "invalid_metadata",
     "path_escape",
@@ -36,7 +36,7 @@ EGRESS_DECISIONS = ("allowed", "refused", "audit")
 # The values of sandboxd.network.broker.Refusal and sandboxd.protocol.Dropped (a unit test keeps them equal).
 BROKER_REFUSALS = ("not_assigned", "credential", "route", "bad_request", "body_too_large", "timeout", "upstream")
 OUTPUT_DROPS = ("malformed", "oversized", "not_an_event")
-RESTORE_RESULTS = ("hit", "miss", "expired", "corrupt")
+RESTORE_RESULTS = ("hit", "miss", "expired", "corrupt", "discarded")
 _FAST_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 
@@ -178,6 +178,10 @@ class Metrics:
         )
         self.egress_requests = Counter(
             "sandboxd_egress_requests_total", "Egress proxy decisions.", ["decision"], registry=r
+        )
+        self.disk_check_failures = Counter(
+            "sandboxd_disk_check_failures_total",
+            "Workspace size polls that failed or timed out (no sandbox was checked that round).", registry=r,
         )
         self.broker_refused = Counter(
             "sandboxd_broker_refused_total", "API broker requests refused, by reason.", ["reason"], registry=r

@@ -166,6 +166,15 @@ class Settings(BaseSettings):
     git_mirror_cache_max_bytes: int = Field(10 * 2**30, ge=0, description="Size bound of the git mirror cache.")
     file_max_bytes: int = Field(100 * 2**20, ge=1, description="Largest single file a session may name.")
     workspace_max_bytes: int = Field(2 * 2**30, ge=1, description="Largest total workspace a session may name.")
+    workspace_max_inodes: int = Field(
+        500_000, ge=1024, description="Most files and directories a sandbox's /workspace may hold (filesystem quota)."
+    )
+    workspace_quota: Literal["auto", "filesystem", "poll"] = Field(
+        "auto",
+        description="How /workspace is bounded: `filesystem` (a loop-mounted ext4 per sandbox; the kernel refuses "
+        "writes past workspace_max_bytes and workspace_max_inodes; needs root on the engine's host), `poll` (the "
+        "engine's volume sizes, checked every disk_check_interval_seconds), or `auto` (filesystem where possible).",
+    )
     workspace_retention_seconds: float = Field(
         7 * 24 * 3600.0, ge=0,
         description="How long a session's /workspace is kept for its next work item (0 disables retention).",

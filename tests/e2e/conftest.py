@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,8 +104,9 @@ class Harness:
             pytest.fail(f"sandboxd did not finish within {timeout}s; output:\n{run.output[-6000:]}")
         return run
 
-    def drain(self, *args: str, timeout: float = 240, **env: str) -> Run:
-        return self.wait(self.start("drain", *args, **env), timeout)
+    def drain(self, *args: str, timeout: float = 240, env: Mapping[str, str] | None = None, **more: str) -> Run:
+        """`sandboxd drain` with the variables of `env` and `more`, waited for up to `timeout` seconds."""
+        return self.wait(self.start("drain", *args, **(env or {}), **more), timeout)
 
     def signal(self, run: Run, signum: int = signal.SIGTERM) -> None:
         run.process.send_signal(signum)
@@ -134,6 +135,15 @@ def harness(tmp_path: Path, sandbox_image: str, docker_client: Any) -> Iterator[
         for name in leftovers["volumes"]:
             docker_client.api.remove_volume(name, force=True)
         shutil.rmtree(h.socket_dir, ignore_errors=True)
+        unmount_workspace_disks(h.state_dir)
+
+
+def unmount_workspace_disks(state_dir: Path) -> None:
+    """Workspace filesystems a killed daemon left mounted (pytest could not delete its tmp dir)."""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        target = line.split()[1]
+        if target.startswith(str(state_dir / "disks") + "/"):
+            subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 class ContainerCounter:

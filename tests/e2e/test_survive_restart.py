@@ -95,14 +95,15 @@ def test_handoff_leaves_sessions_to_the_next_daemon(harness: Harness) -> None:
     assert harness.leftovers() == {"containers": [], "volumes": []}
 
 
-def test_disk_hog_is_stopped_while_its_neighbour_completes(harness: Harness) -> None:
+def test_disk_hog_is_stopped_by_the_poll_while_its_neighbour_completes(harness: Harness) -> None:
+    """Where no filesystem bounds the workspace (a remote or rootless engine), the poll stops the session."""
     cp = harness.control_plane
     hog = cp.add_session(ScriptedSession(steps=[
         _bash("head -c 200000000 /dev/zero > /workspace/fill; sleep 30; echo survived"),
     ]))
     neighbour = cp.add_session(_slow_session("n", seconds=3))
     run = harness.drain("--max-sessions", "2", SANDBOXD_WORKSPACE_MAX_BYTES=str(64 * 2**20),
-                        SANDBOXD_DISK_CHECK_INTERVAL_SECONDS="1")
+                        SANDBOXD_DISK_CHECK_INTERVAL_SECONDS="1", SANDBOXD_WORKSPACE_QUOTA="poll")
 
     assert run.returncode == 1, run.output[-4000:]
     state = cp.state_snapshot()
