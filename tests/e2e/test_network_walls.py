@@ -115,7 +115,7 @@ def test_default_walls(harness: Harness, allowed: Any, unlisted: Any, runtime: s
     env = {"SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{ok_port}"]'}
     if runtime != "runc":
         env["SANDBOXD_RUNTIME"] = runtime
-    run = harness.drain(**env)
+    run = harness.drain(env=env)
 
     assert run.returncode == 0, run.output[-5000:]
     state = cp.state_snapshot()

@@ -14,7 +14,8 @@ READ_ENVIRONS = "for f in /proc/[0-9]*/environ; do cat \"$f\" 2>/dev/null | tr '
 
 
 def _results(state: dict[str, Any], session_id: str) -> list[dict[str, Any]]:
-    return state["sessions"][session_id]["results"]
+    results: list[dict[str, Any]] = state["sessions"][session_id]["results"]
+    return results
 
 
 def _inspect_while_running(harness: Harness, found: list[dict[str, Any]], stop: threading.Event) -> None:

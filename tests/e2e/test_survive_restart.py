@@ -178,9 +178,10 @@ def _free_port() -> int:
 
 def _metric(address: str, name: str) -> str:
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return line.split()[-1]
+        text: str = response.read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return line.split()[-1]
     return ""
 
 

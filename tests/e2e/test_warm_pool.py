@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -61,6 +62,10 @@ def _members(harness: Harness) -> list[dict[str, Any]]:
             if c["Labels"]["io.sandboxd.sandbox"] not in assigned and c["State"] == "running"]
 
 
+def _stopped(work_id: str, state: dict[str, Any]) -> bool:
+    return bool(state["work"][work_id]["state"] == "stopped")
+
+
 @pytest.fixture
 def address() -> Iterator[str]:
     yield f"127.0.0.1:{_free_port()}"
@@ -81,7 +86,7 @@ def test_sessions_from_the_pool_run_all_six_tools(harness: Harness, address: str
                 assert not any(secret in inspected for secret in secrets)
             session = cp.add_session(six_tool_session(f"warm{n}"))
             sessions.append(session)
-            cp.wait_for(lambda s, w=session.work_id: s["work"][w]["state"] == "stopped", timeout=90)
+            cp.wait_for(partial(_stopped, session.work_id), timeout=90)
         metrics = _metrics(address)
     finally:
         harness.signal(run)

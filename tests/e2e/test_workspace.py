@@ -29,7 +29,7 @@ def fetch_env(tmp_path: Path, git_fixture: GitFixture, file_server: FileServer) 
 
 
 def _step(command: str, **expect: object) -> ToolStep:
-    return ToolStep(name="bash", input={"command": command}, expect=Expect(**expect))  # type: ignore[arg-type]
+    return ToolStep(name="bash", input={"command": command}, expect=Expect(**expect))
 
 
 def test_two_repositories_and_a_file_land_in_the_workspace(
@@ -64,7 +64,7 @@ def test_two_repositories_and_a_file_land_in_the_workspace(
     ]
     session = harness.control_plane.add_session(ScriptedSession(metadata=metadata, steps=steps))
 
-    run = harness.drain(**fetch_env, SANDBOXD_LOG_LEVEL="DEBUG")
+    run = harness.drain(env=fetch_env, SANDBOXD_LOG_LEVEL="DEBUG")
 
     assert run.returncode == 0, run.output[-5000:]
     state = harness.control_plane.state_snapshot()
@@ -99,7 +99,7 @@ def test_fetch_longer_than_the_lease_ttl_keeps_the_lease(
             metadata={"repo": slow.url(git_fixture.repos.app)},
             steps=[_step("cat /workspace/app/README.md", is_error=False, contains=["app v3"])],
         ))
-        run = harness.drain(**env)
+        run = harness.drain(env=env)
 
     assert run.returncode == 0, run.output[-5000:]
     prepared = re.search(r"workspace_prepared work_id=\S+ .*seconds=([\d.]+)", run.output)
@@ -130,7 +130,7 @@ def test_bad_metadata_fails_its_session_only_and_leaves_nothing(
     )
 
     with ContainerCounter(harness.docker, harness.worker_id) as counter:
-        run = harness.drain("--max-sessions", "2", **fetch_env)
+        run = harness.drain("--max-sessions", "2", env=fetch_env)
 
     assert run.returncode == 1, run.output[-5000:]
     assert "workspace_failed: 3" in run.output and "succeeded: 1" in run.output

@@ -79,7 +79,7 @@ def test_two_daemons_share_only_the_store(harness: Harness, git_fixture: GitFixt
     shared = {**_git_env(git_fixture), "SANDBOXD_WORKSPACE_STORE_DIR": str(store)}
 
     # The first daemon drains what is queued now: turn 1 and the neighbour. Turn 2 is queued later.
-    first = harness.drain(**shared, SANDBOXD_STATE_DIR=str(tmp_path / "state-a"))
+    first = harness.drain(env=shared, SANDBOXD_STATE_DIR=str(tmp_path / "state-a"))
     assert first.returncode == 0, first.output[-4000:]
     assert "workspace_saved" in first.output
     cp.wait_for(lambda s: len(s["sessions"][session.session_id]["work_ids"]) == 2, timeout=60)
@@ -114,7 +114,7 @@ def test_a_corrupted_snapshot_is_refused_and_the_session_starts_fresh(
         ],
     ))
     env = {**_git_env(git_fixture), "SANDBOXD_WORKSPACE_STORE_DIR": str(store)}
-    first = harness.drain(**env)
+    first = harness.drain(env=env)
     assert first.returncode == 0 and "workspace_saved" in first.output, first.output[-3000:]
     snapshots = [p for p in store.rglob("snap-*") if not p.name.endswith(".tmp")]
     assert len(snapshots) == 1
@@ -142,7 +142,7 @@ def test_expired_workspace_is_fetched_fresh(harness: Harness, git_fixture: GitFi
                [_bash("cat /workspace/kept.txt 2>&1 || echo FRESH", contains=["FRESH"])]],
     ))
     env = {**_git_env(git_fixture), "SANDBOXD_WORKSPACE_RETENTION_SECONDS": "3"}
-    first = harness.drain(**env)
+    first = harness.drain(env=env)
     assert first.returncode == 0, first.output[-3000:]
     time.sleep(3.5)
     second = harness.start("run", **env)

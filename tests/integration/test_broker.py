@@ -122,7 +122,7 @@ AUTH = {"Authorization": f"Bearer {GRANT.placeholder}"}
 async def open_door(socket_dir: Path, server: _Server, grant: Grant | None = GRANT,
                     scheme: str = "http") -> AsyncIterator[tuple[Path, list[Traffic], Metrics]]:
     """The channels for one sandbox named sandboxd-test: (its api.sock, what the broker observed, metrics)."""
-    metrics, seen = Metrics(), []
+    metrics, seen = Metrics(), list[Traffic]()
     channels = Channels(socket_dir, f"{scheme}://127.0.0.1:{port_of(server)}", None)
     async with anyio.create_task_group() as tg:
         doors: SandboxDoors = await tg.start(channels.serve, metrics)

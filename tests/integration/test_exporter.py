@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx2
@@ -153,7 +154,7 @@ async def test_an_outage_is_logged_when_it_starts_and_when_it_ends(
             await tg.start(collector.run)
             await eventually(lambda: collector.last_ok is True)
             plane.set_outage("error")
-            await eventually(lambda: sample(metrics, "sandboxd_queue_stats_errors_total", env) >= 3)
+            await eventually(lambda: (sample(metrics, "sandboxd_queue_stats_errors_total", env) or 0) >= 3)
             assert sample(metrics, "sandboxd_queue_stats_up", env) == 0
             plane.set_outage("off")
             await eventually(lambda: collector.last_ok is True)
@@ -165,7 +166,7 @@ async def test_an_outage_is_logged_when_it_starts_and_when_it_ends(
 
 @pytest.mark.anyio
 async def test_the_daemon_collects_only_with_an_api_key(plane: ControlPlane) -> None:
-    base = {"environment_id": plane.environment_id, "base_url": plane.url, "stats_interval_seconds": 30}
+    base: dict[str, Any] = {"environment_id": plane.environment_id, "base_url": plane.url, "stats_interval_seconds": 30}
     metrics = Metrics()
     async with collecting(Settings(**base), metrics.queue) as none:
         assert none is None

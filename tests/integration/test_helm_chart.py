@@ -89,7 +89,7 @@ def render(name: str) -> dict[str, str]:
 
 
 def manifests(name: str) -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     for path, text in sorted(render(name).items()):
         if not path.endswith("NOTES.txt"):
             docs.extend(d for d in yaml.safe_load_all(text) if d)
@@ -677,9 +677,9 @@ def test_bad_values_are_rejected(path: Path) -> None:
         assert any(expect in e for e in report["errors"]) or any(expect in m["error"] for m in report["messages"])
     else:
         _chart().validate_schema(values)  # a valid value, an impossible combination
-        with pytest.raises(helm.HelmError) as caught:
+        with pytest.raises(helm.HelmError) as refused:
             _chart().render(values, name=RELEASE, namespace=NAMESPACE)
-        assert expect in str(caught.value)
+        assert expect in str(refused.value)
 
 
 # `fail`s no values file can reach, each with why.

@@ -501,8 +501,11 @@ def test_the_template_runs_two_environments_side_by_side(host: Host, docker_clie
         for name, instance in instances.items():
             unit = instance.unit
             assert_all_passed(instance.wait_for_sessions(ids[name]), ids[name])
-            wait_until(lambda u=unit: host.show(u, "StatusText")["StatusText"] == "0/3 sessions running", 30,
-                       f"{unit} reporting its sessions finished")
+
+            def finished(u: str = unit) -> bool:
+                return host.show(u, "StatusText")["StatusText"] == "0/3 sessions running"
+
+            wait_until(finished, 30, f"{unit} reporting its sessions finished")
             assert host.show(unit, "ActiveState", "SubState") == {"ActiveState": "active", "SubState": "running"}
             assert ready(instance.metrics_port).startswith("200"), ready(instance.metrics_port)
             assert "daemon_ready" in host.sh(f"journalctl -t sandboxd-{name} -o cat --no-pager").stdout

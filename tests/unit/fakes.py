@@ -13,11 +13,11 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
-from anthropic.types.beta.environments import BetaSelfHostedWork
+from anthropic.types.beta.environments import BetaSelfHostedWork, BetaSessionWorkData
 
 from sandboxd.containers import AssignmentRecord, Found, Sandbox, SandboxSpec
 from sandboxd.errors import EngineError, LaunchError
@@ -45,7 +45,12 @@ def work_item(n: int, *, kind: str = "session", secret: str | None = "default") 
     return BetaSelfHostedWork.model_construct(
         id=f"work_{n}",
         environment_id="env_test",
-        data=_Data(kind, f"sesn_{n}"),
+        created_at="2026-12-01T00:00:00Z",
+        metadata={},
+        state="queued",
+        type="work",
+        # The generated type models only session data; the queue also holds other kinds (healthcheck).
+        data=cast(BetaSessionWorkData, _Data(kind, f"sesn_{n}")),
         secret=secret_for(f"tok_{n}") if secret == "default" else secret,
     )
 

@@ -60,7 +60,7 @@ class _StuckRestore:
 
 
 def _finished(metrics: Metrics, outcome: Outcome) -> float:
-    return metrics.sessions_finished.labels(outcome.value)._value.get()
+    return float(metrics.sessions_finished.labels(outcome.value)._value.get())
 
 
 async def test_capacity_slot_is_taken_before_an_item_is_claimed() -> None:

@@ -16,7 +16,7 @@ from anthropic.lib.tools.agent_toolset import AgentToolContext
 
 from sandboxd import entrypoint
 from sandboxd.entrypoint import ItemServer, _ItemWatch, observed_tools
-from sandboxd.protocol import ExitCode
+from sandboxd.protocol import Event, ExitCode
 
 WORK = "https://api.example.test/v1/environments/env_1/work/work_1"
 
@@ -34,7 +34,7 @@ def stdout_events(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
             events.append(json.loads(line))
         return len(data)
 
-    monkeypatch.setattr(entrypoint.os, "write", write)
+    monkeypatch.setattr("sandboxd.entrypoint.os.write", write)
     return events
 
 
@@ -178,8 +178,8 @@ def test_an_unreadable_stdout_never_breaks_the_worker(monkeypatch: pytest.Monkey
     def broken(fd: int, data: bytes) -> int:
         raise BrokenPipeError
 
-    monkeypatch.setattr(entrypoint.os, "write", broken)
-    entrypoint.emit(entrypoint.Event.HEARTBEAT)  # no exception
+    monkeypatch.setattr("sandboxd.entrypoint.os.write", broken)
+    entrypoint.emit(Event.HEARTBEAT)  # no exception
 
 
 # --- non-dumpable ------------------------------------------------------------------------------------

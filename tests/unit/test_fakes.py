@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import pytest
 
@@ -11,7 +12,7 @@ from sandboxd.queue import WorkQueue
 from tests.unit.fakes import FakeBackend, FakeQueue
 
 
-def _public(cls: type) -> dict[str, object]:
+def _public(cls: type) -> dict[str, Callable[..., object]]:
     return {name: member for name, member in vars(cls).items()
             if not name.startswith("_") and callable(member) and not isinstance(member, classmethod)}
 

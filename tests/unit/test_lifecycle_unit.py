@@ -40,7 +40,7 @@ def _event(kind: Event, at: float, **fields: object) -> SandboxEvent:
 
 
 def _count(metrics: Metrics, tool: str, outcome: str) -> float:
-    return metrics.tool_calls.labels(tool, outcome)._value.get()
+    return float(metrics.tool_calls.labels(tool, outcome)._value.get())
 
 
 def _observed(metrics: Metrics, tool: str) -> tuple[float, float]:

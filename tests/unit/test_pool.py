@@ -43,7 +43,7 @@ async def _pool(backend: FakeBackend, *, size: int = 2, max_age_seconds: float =
 
 
 def _ready(metrics: Metrics) -> float:
-    return metrics.pool_ready._value.get()
+    return float(metrics.pool_ready._value.get())
 
 
 async def test_the_pool_fills_to_its_size_and_no_further() -> None:

@@ -13,7 +13,7 @@ def test_assignment_round_trip_and_secret_stays_out_of_repr() -> None:
     a = Assignment("work_1", "env_1", "sesn_1", secret_for("tok-123456"))
     message = parse_line(a.to_line())
     assert Assignment.from_message(message) == a
-    assert "tok" not in repr(a) and a.secret not in repr(a)
+    assert a.secret is not None and "tok" not in repr(a) and a.secret not in repr(a)
     assert "environment_key" not in message
     assert parse_line(a.to_line("sk-env"))["environment_key"] == "sk-env"
 

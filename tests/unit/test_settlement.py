@@ -35,13 +35,18 @@ def test_the_first_recorded_outcome_wins() -> None:
     assert (settlement.outcome, settlement.reason) == (Outcome.TIMED_OUT, "exceeded max_session_seconds=30")
 
 
+def owner_of(settlement: Settlement) -> Owner:
+    """Read afresh: mypy would keep `settlement.owner` narrowed across the calls that change it."""
+    return settlement.owner
+
+
 def test_the_daemon_owns_the_stop_until_the_hand_over_then_the_sandbox() -> None:
     settlement = Settlement(Stops(), REF)
-    assert settlement.owner is Owner.DAEMON
+    assert owner_of(settlement) is Owner.DAEMON
     settlement.handed_to_sandbox()
-    assert settlement.owner is Owner.SANDBOX
+    assert owner_of(settlement) is Owner.SANDBOX
     settlement.sandbox_exited(ExitCode.SERVED)
-    assert settlement.owner is Owner.SANDBOX and settlement.outcome is Outcome.SUCCEEDED
+    assert owner_of(settlement) is Owner.SANDBOX and settlement.outcome is Outcome.SUCCEEDED
 
 
 @pytest.mark.parametrize("status", sorted(ITEM_SETTLED_BY_SANDBOX))
