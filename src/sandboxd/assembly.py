@@ -62,6 +62,7 @@ def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> Sandbo
         tmp_size=settings.tmp_size,
         base_url=settings.effective_sandbox_base_url,
         max_idle_seconds=settings.max_idle_seconds,
+        max_file_bytes=settings.max_file_bytes,
         pull_policy=settings.pull_policy,
         runtime=settings.runtime,
         instance=instance_name(settings),

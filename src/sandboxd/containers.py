@@ -67,6 +67,7 @@ class SandboxSpec:
     tmp_size: str
     base_url: str
     max_idle_seconds: float
+    max_file_bytes: int | None = None
     pull_policy: str = "missing"
     runtime: str | None = None
     instance: str = "sandboxd"
@@ -213,7 +214,8 @@ class DockerBackend:
                                                LABEL_CREATED: f"{sandbox.created_at:.3f}"})
         config = api.create_container_config(
             sandbox.image_id or spec.image,
-            command=["--workdir", WORKSPACE, "--max-idle", str(spec.max_idle_seconds)],
+            command=["--workdir", WORKSPACE, "--max-idle", str(spec.max_idle_seconds),
+                     *(["--max-file-bytes", str(spec.max_file_bytes)] if spec.max_file_bytes else [])],
             labels=labels,
             user=spec.user,
             working_dir=WORKSPACE,

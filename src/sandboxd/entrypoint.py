@@ -113,7 +113,7 @@ def make_non_dumpable() -> bool:
 class ItemServer:
     """Serves one assignment: reads control messages, runs the worker, decides the exit code."""
 
-    def __init__(self, workdir: str, max_idle: float) -> None:
+    def __init__(self, workdir: str, max_idle: float, max_file_bytes: int | None = None) -> None:
         self.workdir = workdir
         self.max_idle = max_idle
         self.ready = anyio.Event()
@@ -127,7 +127,9 @@ class ItemServer:
         self.client = AsyncAnthropic(
             base_url=os.environ.get("ANTHROPIC_BASE_URL"), api_key=None, auth_token=None, http_client=http_client
         )
-        self.worker = EnvironmentWorker(self.client, workdir=workdir, max_idle=max_idle, tools=observed_tools)
+        options: dict[str, Any] = {"max_file_bytes": max_file_bytes} if max_file_bytes else {}
+        self.worker = EnvironmentWorker(self.client, workdir=workdir, max_idle=max_idle, tools=observed_tools,
+                                        **options)
 
     async def _gate(self, request: httpx2.Request) -> None:
         # The session fetch precedes skills and the tool runner: holding it holds every tool call,
@@ -270,7 +272,7 @@ async def _amain(args: argparse.Namespace) -> ExitCode:
                   "(run `sandboxd run`, or attach stdin with `docker run -i`)")
         return ExitCode.BAD_ASSIGNMENT
     lines = _stdin_lines(fd)
-    server = ItemServer(args.workdir, args.max_idle)
+    server = ItemServer(args.workdir, args.max_idle, args.max_file_bytes)
     emit(Event.READY)
     try:
         message = parse_line(await anext(lines))
@@ -292,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sandboxd-sandbox", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/workspace")
     parser.add_argument("--max-idle", type=float, default=60.0)
+    parser.add_argument("--max-file-bytes", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     warm_pool_max_age_seconds: float = Field(
         3600.0, gt=0, description="A warm pool member older than this is replaced."
     )
+    max_file_bytes: int | None = Field(
+        None, ge=1,
+        description="Size cap for a whole-file `read` and for `edit` in a sandbox (the SDK's max_file_bytes); "
+        "unset: the SDK's default.",
+    )
     max_idle_seconds: float = Field(
         60.0, gt=0, description="A session ends this long after it goes idle (SDK max_idle)."
     )
