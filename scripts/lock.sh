@@ -16,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 uv=${UV:-.venv/bin/uv}
+if [ ! -x "$uv" ]; then
+    echo "scripts/lock.sh: no $uv; \`make bootstrap\` installs it (uv is a dev tool), or set UV." >&2
+    exit 1
+fi
 check=0
 if [ "${1:-}" = --check ]; then check=1; shift; fi
 
