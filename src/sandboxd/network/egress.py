@@ -236,7 +236,17 @@ class EgressProxy:
             await serve_connections(listener, self.handle, max_connections=self._max_connections, name="egress")
 
     async def handle(self, client: anyio.abc.ByteStream) -> None:
-        """Serve one client connection: plain HTTP requests, each checked and forwarded in turn, or one tunnel."""
+        """Serve one client connection: plain HTTP requests, each checked and forwarded in turn, or one tunnel.
+
+        Returns when the connection is done (the caller closes it); a client or upstream that breaks
+        off ends it quietly, without raising.
+        """
+        try:
+            await self._serve_client(client)
+        except (anyio.EndOfStream, *_STREAM_ERRORS) as exc:
+            log.debug("egress_connection_broken error=%r", exc)
+
+    async def _serve_client(self, client: anyio.abc.ByteStream) -> None:
         buffered: bytes | None = b""
         first = True
         while buffered is not None:

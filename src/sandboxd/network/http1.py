@@ -152,15 +152,19 @@ def _connect(authority: str) -> ProxyRequest:
 
 def _absolute(method: str, target: str, version: str, fields: Fields) -> ProxyRequest:
     try:
-        url = urlsplit(target)
-        port = url.port if url.port is not None else 80
+        url = urlsplit(target)  # raises ValueError for some bracketed netlocs
     except ValueError:
-        raise BadRequest("malformed URL") from None
-    if url.scheme.lower() != "http" or not url.hostname:
+        raise BadRequest("malformed URL authority") from None
+    if url.scheme != "http" or not url.netloc:
         raise BadRequest("only absolute http:// URLs are proxied; use CONNECT for https")
-    if "@" in url.netloc or port == 0:
+    try:  # the authority as this module reads it everywhere, not urlsplit's lenient hostname and port
+        host_text, port_text = split_host_port(url.netloc)
+        port = parse_port(port_text) if port_text is not None else 80
+    except ValueError:
+        raise BadRequest("malformed URL authority") from None
+    if "@" in url.netloc or (":" in host_text and not url.netloc.startswith("[")):
         raise BadRequest("malformed URL authority")
-    host = _valid_host(url.hostname)
+    host = _valid_host(host_text)
     sent = _host_field(fields, host, port)
     _check_framing(fields, version, host, port)
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")

@@ -108,15 +108,15 @@ def _handshake_message(data: bytes, max_bytes: int) -> bytes | None:
 class _Cursor:
     """Reads TLS's big-endian integers and length-prefixed vectors; NotClientHello past the end."""
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._data = memoryview(data)  # slices share the message: no copies
         self._position = 0
 
     @property
     def done(self) -> bool:
         return self._position == len(self._data)
 
-    def take(self, size: int) -> bytes:
+    def take(self, size: int) -> memoryview:
         end = self._position + size
         if end > len(self._data):
             raise NotClientHello("truncated ClientHello")
@@ -133,7 +133,7 @@ class _Cursor:
             raise NotClientHello("vector length out of range")
         return _Cursor(body)
 
-    def rest(self) -> bytes:
+    def rest(self) -> memoryview:
         return self.take(len(self._data) - self._position)
 
 
@@ -171,7 +171,7 @@ def _server_name(extension: _Cursor) -> str:
     while not names.done:
         if names.uint(1) != _HOST_NAME or found is not None:
             raise NotClientHello("a server name that is not one host name")
-        found = names.vector(2, minimum=1).rest().decode("latin-1")
+        found = bytes(names.vector(2, minimum=1).rest()).decode("latin-1")
     if found is None:  # cannot happen: the list is not empty
         raise NotClientHello("empty server name list")
     return found
