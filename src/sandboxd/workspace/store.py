@@ -57,12 +57,16 @@ _LOGGABLE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 class RestoreResult(StrEnum):
-    """The outcome of a restore (metric label `restore{result}`)."""
+    """The outcome of a restore (metric label `restore{result}`).
+
+    The store answers hit, miss, expired or corrupt; `discarded` is the caller's: a hit the engine
+    refused to extract, deleted so that the session is fetched afresh (sandboxd.retention)."""
 
     HIT = "hit"
     MISS = "miss"
     EXPIRED = "expired"
     CORRUPT = "corrupt"
+    DISCARDED = "discarded"
 
 
 @dataclass(frozen=True)
