@@ -46,7 +46,6 @@ from anthropic.lib.environments import EnvironmentWorker
 from naive_worker import naive_item  # benchmarks/ is on sys.path when this file is run
 from prometheus_client.parser import text_string_to_metric_families
 
-from sandboxd.network.broker import ApiBroker
 from sandboxd.controlplane.scenario import Expect, Scenario, ScriptedSession, ToolStep
 from sandboxd.controlplane.server import ControlPlane
 from sandboxd.protocol import Assignment, workspace_ready_line
@@ -243,54 +242,36 @@ class Naive(Contender):
 
 
 class Prestarted(Contender):
-    """Diagnostic: a plain container started and waited for (`ready`), then claimed for: a pool of one.
+    """Diagnostic: a plain container (host network) started and waited for (`ready`), then claimed for.
 
-    Over the host network, or with no network and sandboxd's ApiBroker (run here). Its stderr
-    says when the entrypoint read the assignment, which splits the sandbox's own share.
+    A pool of one without sandboxd: its stderr says when the entrypoint read the assignment, which
+    splits the sandbox's own share. (sandboxd's own rows carry the broker's cost.)
     """
 
-    def __init__(self, bench_id: str, *, broker: bool) -> None:
-        how = "no network, sandboxd's ApiBroker in this process" if broker else "host network"
-        super().__init__(Series(f"pre-started docker run ({'broker' if broker else 'host'})",
-                                note=f"diagnostic: plain container, `ready` awaited, then claimed; {how}"))
-        self.key = "prebroker" if broker else "prehost"
-        self.broker = broker
-        self.socket_dir = Path(f"/tmp/sbx-bench-{bench_id}")
+    def __init__(self, bench_id: str) -> None:
+        super().__init__(Series("pre-started docker run (host)",
+                                note="diagnostic: plain container, `ready` awaited, then claimed; host network"))
+        self.key = "prehost"
         self.command = ["docker", "run", "-i", "--rm", "--label", f"{BENCH_LABEL}={bench_id}"]
         self._times: tuple[float, float] = (0.0, 0.0)
 
     def open(self) -> None:
         super().open()
-        if self.broker:
-            self.socket_dir.mkdir(mode=0o755, exist_ok=True)
-            os.chmod(self.socket_dir, 0o755)  # the sandbox user traverses it to reach the socket
-            self.command += ["--network", "none", "-v", f"{self.socket_dir}:/run/sandboxd:ro",
-                             "-e", "SANDBOXD_API_SOCKET=/run/sandboxd/api.sock"]
-        else:
-            self.command += ["--network", "host"]
-        self.command += ["-e", f"ANTHROPIC_BASE_URL={self.cp.url}", IMAGE, "--workdir", "/workspace",
-                         "--max-idle", str(MAX_IDLE_SECONDS)]
+        self.command += ["--network", "host", "-e", f"ANTHROPIC_BASE_URL={self.cp.url}", IMAGE,
+                         "--workdir", "/workspace", "--max-idle", str(MAX_IDLE_SECONDS)]
 
     def serve(self) -> None:
         anyio.run(self._serve)
 
     async def _serve(self) -> None:
-        async with AsyncAnthropic(base_url=self.cp.url, auth_token=self.cp.environment_key) as claimer, \
-                anyio.create_task_group() as tg:
-            if self.broker:
-                await tg.start(ApiBroker.for_base_url(self.cp.url, self.socket_dir / "api.sock").serve)
+        async with AsyncAnthropic(base_url=self.cp.url, auth_token=self.cp.environment_key) as claimer:
             self._times = await prestarted_item(self.cp, claimer, self.command)
-            tg.cancel_scope.cancel()
 
     def observed(self, work_id: str, ack: float, beat: float) -> None:
         written, assigned = self._times
         self.series.add_phase("ack → assignment written to stdin", written - ack)
         self.series.add_phase("written → entrypoint read it", assigned - written)
         self.series.add_phase("read → first heartbeat", beat - assigned)
-
-    def close(self) -> None:
-        super().close()
-        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
 async def prestarted_item(cp: ControlPlane, claimer: AsyncAnthropic, command: list[str]) -> tuple[float, float]:
@@ -729,7 +710,7 @@ def main() -> None:
         if "diagnostics" not in args.skip:
             contenders += [SandboxdRun("coldhost", "sandboxd cold, host network", engine, scratch, pool=0,
                                        network="host"),
-                           Prestarted(bench_id, broker=False), Prestarted(bench_id, broker=True)]
+                           Prestarted(bench_id)]
         if "gvisor" not in args.skip:
             contenders.append(SandboxdRun("gvisor", "sandboxd cold (gVisor)", engine, scratch, pool=0,
                                           runtime="runsc"))
