@@ -16,13 +16,15 @@ import io
 import json
 import os
 import socket
+import ssl
+import subprocess
 import sys
 import threading
 import zipfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,8 @@ import anyio
 import pytest
 
 from sandboxd.network.allowlist import EgressPolicy
-from sandboxd.network.egress import Decision, EgressProxy
+from sandboxd.network.egress import Decision, EgressProxy, RefusalReason
+from sandboxd.network.relay import relay
 from tests.integration.conftest import GitFixture
 from tests.integration.git_server import GIT_ENV
 from tests.integration.test_broker import _Server, make_socket_dir, port_of, serve_api
@@ -45,6 +48,7 @@ CLEAN_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexist
 class RunningProxy:
     proxy: EgressProxy
     decisions: list[Decision] = field(default_factory=list)
+    refusals: list[RefusalReason] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -52,11 +56,13 @@ class RunningProxy:
 
 
 @asynccontextmanager
-async def egress(allowed: list[str], socket_path: Path | None = None, *, audit: bool = False
-                 ) -> AsyncIterator[RunningProxy]:
+async def egress(allowed: list[str], socket_path: Path | None = None, *, audit: bool = False,
+                 **options: Any) -> AsyncIterator[RunningProxy]:
     decisions: list[Decision] = []
-    proxy = EgressProxy(EgressPolicy(allowed, audit=audit), socket_path, tcp_port=0, on_decision=decisions.append)
-    running = RunningProxy(proxy, decisions)
+    refusals: list[RefusalReason] = []
+    proxy = EgressProxy(EgressPolicy(allowed, audit=audit), socket_path, tcp_port=0, on_decision=decisions.append,
+                        on_refused=refusals.append, **options)
+    running = RunningProxy(proxy, decisions, refusals)
     async with anyio.create_task_group() as tg:
         await tg.start(running.proxy.serve)
         yield running
@@ -176,6 +182,165 @@ async def test_bad_requests_are_answered_400(allowed_server: _Server) -> None:
         code, out, _ = await run("curl", "-sS", "-w", "\n%{http_code}", f"{running.url}/not-a-proxy-request")
         assert out.rsplit("\n", 1)[1] == "400"
     assert running.decisions == []
+
+
+# --- what the proxy checks, through the in-sandbox relay and the unix socket -------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers every GET with the path and Host it saw, and records them."""
+
+    server: _RecordingServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self) -> None:
+        seen = {"path": self.path, "host": self.headers.get("Host")}
+        with self.server.lock:
+            self.server.seen.append(seen)
+        body = json.dumps(seen).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class _RecordingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, context: ssl.SSLContext | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _Recorder)
+        self.lock = threading.Lock()
+        self.seen: list[dict[str, str | None]] = []
+        self.context = context
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.context is None:
+            return super().finish_request(request, client_address)
+        try:  # the handshake in the connection's own thread, so a refused tunnel blocks no one
+            tls = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        with tls:
+            self.RequestHandlerClass(tls, client_address, self)
+
+
+@contextmanager
+def recording_server(context: ssl.SSLContext | None = None) -> Iterator[_RecordingServer]:
+    server = _RecordingServer(context)
+    threading.Thread(target=server.serve_forever, name="recording-server", daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@asynccontextmanager
+async def relayed(allowed: list[str], tmp_path: Path, **options: Any) -> AsyncIterator[tuple[RunningProxy, str]]:
+    """The proxy on a unix socket, and the in-sandbox relay in front of it: (the proxy, the relay's proxy URL)."""
+    async with egress(allowed, make_socket_dir(tmp_path) / "egress.sock", **options) as running:
+        assert running.proxy.socket_path is not None
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(relay, "127.0.0.1", 0, str(running.proxy.socket_path))
+            yield running, f"http://127.0.0.1:{port}"
+            tg.cancel_scope.cancel()
+
+
+async def test_through_the_relay_every_plain_request_is_checked(tmp_path: Path) -> None:
+    with recording_server() as server:
+        allowed = server.server_address[1]
+        origin = f"http://127.0.0.1:{allowed}"
+        async with relayed([f"127.0.0.1:{allowed}"], tmp_path) as (running, relay_url):
+            # One allowed address must not open every name behind it.
+            code, out, _ = await run("curl", "-sS", "-w", "\n%{http_code}", "-x", relay_url,
+                                     "-H", "Host: not-listed.example", f"{origin}/fronted")
+            body, status = out.rsplit("\n", 1)
+            assert status == "403" and "host_mismatch" in body
+            # Two requests on one kept-alive connection: both decided, the second reuses the connection.
+            code, out, err = await run("curl", "-sS", "-x", relay_url, "-w", "\n%{num_connects}\n",
+                                       f"{origin}/one", f"{origin}/two")
+            assert code == 0, err
+            lines = out.splitlines()
+            assert [json.loads(lines[0])["path"], json.loads(lines[2])["path"]] == ["/one", "/two"]
+            assert (lines[1], lines[3]) == ("1", "0"), "the second request rode the same proxy connection"
+            # Pipelined: the first request goes through, the second (another Host) is refused.
+            answers = await anyio.to_thread.run_sync(
+                exchange, relay_url, f"GET {origin}/first HTTP/1.1\r\nHost: 127.0.0.1:{allowed}\r\n\r\n"
+                                     f"GET {origin}/second HTTP/1.1\r\nHost: not-listed.example\r\n\r\n".encode())
+            assert answers.startswith(b"HTTP/1.1 200 ") and b'"/first"' in answers
+            assert answers.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 403 Forbidden" in answers
+    assert [seen["path"] for seen in server.seen] == ["/one", "/two", "/first"]
+    assert running.decisions == [Decision.ALLOWED] * 3
+    assert running.refusals == [RefusalReason.HOST_MISMATCH] * 2
+
+
+def exchange(proxy_url: str, data: bytes) -> bytes:
+    """Send `data` in one write to the proxy at `proxy_url`; what it answers until it closes (blocking)."""
+    host, port = proxy_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+def handshake_without_sni(proxy_url: str, connect: bytes, cafile: Path) -> bool:
+    """CONNECT, then a TLS handshake that sends no server name (blocking); whether it succeeded."""
+    host, port = proxy_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(connect)
+        assert sock.recv(4096) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        context = ssl.create_default_context(cafile=cafile)
+        context.check_hostname = False
+        try:
+            with context.wrap_socket(sock, server_hostname=None):
+                return True
+        except (ssl.SSLError, OSError):
+            return False
+
+
+@pytest.fixture
+def tls_identity(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate (and its key) for `allowed.test`."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "1", "-subj", "/CN=allowed.test", "-addext", "subjectAltName=DNS:allowed.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_through_the_relay_a_tls_tunnel_must_name_the_connect_host(tmp_path: Path,
+                                                                        tls_identity: tuple[Path, Path]) -> None:
+    cert, key = tls_identity
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"]  # allowed.test (and any other name) is this machine
+
+    with recording_server(context) as server:
+        port = server.server_address[1]
+        async with relayed([f"allowed.test:{port}"], tmp_path, resolver=resolver) as (running, relay_url):
+            code, out, err = await run("curl", "-sS", "--cacert", str(cert), "-x", relay_url,
+                                       f"https://allowed.test:{port}/tls")
+            assert code == 0, err
+            assert json.loads(out) == {"path": "/tls", "host": f"allowed.test:{port}"}
+            # Domain fronting: CONNECT to the allowed name, TLS (and Host) for another one.
+            code, _, err = await run("curl", "-sS", "-k", "-x", relay_url, "--connect-to",
+                                     f"fronted.test:{port}:allowed.test:{port}", f"https://fronted.test:{port}/")
+            assert code != 0, "the tunnel was closed"
+            # No SNI at all, and not TLS at all.
+            connect = f"CONNECT allowed.test:{port} HTTP/1.1\r\n\r\n".encode()
+            assert await anyio.to_thread.run_sync(handshake_without_sni, relay_url, connect, cert) is False
+            answer = await anyio.to_thread.run_sync(exchange, relay_url, connect + b"GET / HTTP/1.1\r\n\r\n")
+            assert answer == b"HTTP/1.1 200 Connection established\r\n\r\n"
+    assert [seen["path"] for seen in server.seen] == ["/tls"]
+    assert running.refusals == [RefusalReason.SNI_MISMATCH, RefusalReason.NO_SNI, RefusalReason.NOT_TLS]
 
 
 # --- git over http through the proxy ----------------------------------------------------------------
