@@ -72,9 +72,12 @@ class InProcessEngine:
     async def image_id(self) -> str:
         return "in-process"
 
-    async def create(self, *, image_id: str | None = None) -> Box:
+    def new_sandbox(self) -> Box:
         send, receive = anyio.create_memory_object_stream[bytes](16)
-        box = Box(f"inproc-{len(self.assignments)}-{time.monotonic_ns()}", send, receive)
+        return Box(f"inproc-{len(self.assignments)}-{time.monotonic_ns()}", send, receive)
+
+    async def create(self, box: Box | None = None, *, image_id: str | None = None) -> Box:
+        box = box or self.new_sandbox()
         self._tg.start_soon(self._run, box, name=f"sandbox {box.name}")
         return box
 
