@@ -225,7 +225,7 @@ class _RecordingServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError):
             return
         with tls:
-            self.RequestHandlerClass(tls, client_address, self)
+            super().finish_request(tls, client_address)
 
 
 @contextmanager

@@ -442,6 +442,16 @@ async def test_an_idle_kept_alive_connection_is_closed_quietly() -> None:
     assert run.refusals == []
 
 
+async def test_an_empty_line_after_a_request_counts_as_idle_not_as_a_slow_head() -> None:
+    async with running(idle_timeout_seconds=5, header_timeout_seconds=0.2) as run, run.connection() as client:
+        await client.send(get("http://ok.example.com/", "Content-Length: 2", method="POST") + b"hi\r\n")
+        await client.json()
+        await anyio.sleep(0.4)  # past the header timeout, within the idle timeout
+        await client.send(get("http://ok.example.com/next"))
+        assert (await client.json())["target"] == "/next"
+    assert run.refusals == []
+
+
 async def test_a_slow_second_head_has_its_own_header_timeout() -> None:
     async with running(idle_timeout_seconds=5, header_timeout_seconds=0.2) as run, run.connection() as client:
         await client.send(get("http://ok.example.com/"))

@@ -267,6 +267,7 @@ class EgressProxy:
     async def _next_head(self, client: anyio.abc.ByteStream, buffered: bytes,
                          first: bool) -> tuple[bytes, bytes] | None:
         """The next request head and the bytes after it; None (a refusal answered) when there is none to serve."""
+        buffered = buffered.lstrip(b"\r\n")  # empty lines between requests are not a request (RFC 9112 2.2)
         if not buffered and not first:
             with anyio.move_on_after(self._idle_timeout_seconds):
                 buffered = await receive_some(client)
