@@ -627,6 +627,17 @@ async def test_the_sni_is_checked_in_audit_mode_too() -> None:
     assert refusals == [RefusalReason.SNI_MISMATCH]
 
 
+@pytest.mark.parametrize(("answer", "reason", "status"), [(["10.0.0.1"], RefusalReason.ADDRESS, 403),
+                                                          ([], RefusalReason.UNRESOLVED, 502)])
+async def test_the_gates_refusals_are_counted_with_their_reason(answer: list[str], reason: RefusalReason,
+                                                               status: int) -> None:
+    async with running() as run, run.connection() as client:
+        run.resolver.answers = [answer] if answer else []
+        await client.send(get("http://ok.example.com/"))
+        assert (await client.response()).status == status
+    assert run.refusals == [reason] and run.decisions == [Decision.REFUSED]
+
+
 def test_the_refusal_reasons() -> None:
     assert [reason.value for reason in RefusalReason] == [
         "not_allowed", "address", "unresolved", "bad_request", "too_large", "smuggling", "host_mismatch",
