@@ -53,6 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if "slow" in self.path:
                 time.sleep(0.2)
+            time.sleep(float(self.headers.get("X-Answer-Delay") or 0))
             status = int(self.headers.get("X-Answer-Status") or 200)
             body = json.dumps({"path": self.path, "host": self.headers.get("Host")}).encode()
             self.send_response(status)
@@ -318,6 +319,21 @@ async def test_the_broker_speaks_tls_to_the_api_itself(tls_server: tuple[_Server
                 response = await client.get("http://sandboxd-broker/v1/sessions/sesn_1", headers=AUTH)
             tg.cancel_scope.cancel()
     assert response.status_code == 200 and server.seen[0][2] == "Bearer the-real-token"
+
+
+async def test_a_sandbox_that_hangs_up_frees_its_connection_while_the_api_is_still_thinking(
+        api_server: _Server, socket_dir: Path) -> None:
+    async with open_door(socket_dir, api_server) as (path, _, _):
+        cap = Channels(socket_dir, "http://x", None).limits.api_connections
+        for _ in range(cap):  # every slot held by a call the API answers only after 5 s, then abandoned
+            await raw_exchange(path, f"GET /v1/sessions/sesn_1 HTTP/1.1\r\nHost: x\r\nX-Answer-Delay: 5\r\n"
+                                     f"Authorization: {AUTH['Authorization']}\r\n\r\n", read_seconds=0.2)
+        started = time.monotonic()
+        async with uds_client(path) as client:
+            response = await client.get("http://sandboxd-broker/v1/sessions/sesn_1", headers=AUTH)
+        took = time.monotonic() - started
+    assert response.status_code == 200
+    assert took < 3, f"the abandoned calls held the sandbox's slots for {took:.1f}s"
 
 
 async def test_the_api_over_tls_is_verified_by_the_broker(

@@ -157,8 +157,11 @@ class ApiBroker:
             raise ValueError(f"not an http(s) base URL: {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.limits = limits or BrokerLimits()
+        # No read timeout: the session's event stream stays open; a call ends when its sandbox hangs
+        # up (`_watch_client`). No pool cap: each sandbox's own socket caps its share.
         self._client = client or httpx2.AsyncClient(
-            timeout=httpx2.Timeout(connect=10.0, read=None, write=60.0, pool=30.0), follow_redirects=False)
+            timeout=httpx2.Timeout(connect=10.0, read=None, write=60.0, pool=30.0), follow_redirects=False,
+            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64))
         self._on_refused = on_refused or (lambda reason: None)
 
     async def aclose(self) -> None:
@@ -264,16 +267,46 @@ class ApiBroker:
         headers.append((b"authorization", f"Bearer {grant.credential}".encode()))
         upstream = self._client.build_request(request.method.decode(), self.base_url + target,
                                               headers=headers, content=body)
-        try:
-            response = await self._client.send(upstream, stream=True)
-        except httpx2.HTTPError as exc:
-            log.warning("broker_upstream_failed sandbox=%s error=%s", door.name, type(exc).__name__)
-            raise _Refused(Refusal.UPSTREAM, 502, "the API could not be reached") from None
+        failed: list[BaseException] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch_client, conn, stream, tg.cancel_scope, name="broker-hangup")
+            try:
+                await self._exchange(conn, stream, door, kind, upstream)
+            except httpx2.HTTPError as exc:
+                failed.append(exc)
+            finally:
+                tg.cancel_scope.cancel()
+        if failed:
+            log.warning("broker_upstream_failed sandbox=%s error=%s", door.name, type(failed[0]).__name__)
+            raise _Refused(Refusal.UPSTREAM, 502, "the API could not be reached")
+
+    async def _exchange(self, conn: h11.Connection, stream: anyio.abc.ByteStream, door: Door, kind: Traffic,
+                        upstream: httpx2.Request) -> None:
+        """Send one checked request and relay its answer; a sandbox that hung up ends it quietly."""
+        response = await self._client.send(upstream, stream=True)
         try:
             door.observe(outcome_of(kind, response.status_code))
             await self._relay(conn, stream, response)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            log.debug("broker_client_gone sandbox=%s error=%s", door.name, type(exc).__name__)
         finally:
-            await response.aclose()
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    @staticmethod
+    async def _watch_client(conn: h11.Connection, stream: anyio.abc.ByteStream, relaying: anyio.CancelScope) -> None:
+        """While a call is under way, notice the sandbox hanging up (its client timed out) and end the call.
+
+        Bytes it sends meanwhile (a pipelined request) are kept for the next cycle, up to a head's size.
+        """
+        while len(conn.trailing_data[0]) <= MAX_HEAD_BYTES:
+            try:
+                data = await stream.receive(65536)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                relaying.cancel()
+                return
+            conn.receive_data(data)
+        await anyio.sleep_forever()
 
     @staticmethod
     async def _relay(conn: h11.Connection, stream: anyio.abc.ByteStream, response: httpx2.Response) -> None:
