@@ -925,3 +925,24 @@ def test_error_messages_show_names_cut_short(store: WorkspaceStore, caplog: pyte
         store.save("sesn_a", [tar_bytes([f("a" * 3000, b"1"), f("a" * 3000, b"2")])])
     assert caught.value.reason == "unsafe" and len(str(caught.value)) < 200
     assert all(len(r.getMessage()) < 400 for r in caplog.records)
+
+
+@pytest.mark.parametrize("outcome", ["refused", "saved"])
+def test_the_engine_stream_is_closed_when_the_copy_ends(store: WorkspaceStore, outcome: str) -> None:
+    """Left open, docker's get_archive stream keeps the engine busy with the container: its next
+    get_archive (or removal) waits for the client's timeout. It is closed however the copy ends."""
+    closed = []
+    members = [f(f"f{i}", b"x" * 1000) for i in range(2000 if outcome == "refused" else 10)]  # max_members=1000
+
+    def engine_stream() -> Iterator[bytes]:
+        try:
+            yield from chunks(tar_bytes(members), 4096)
+        finally:
+            closed.append(True)
+
+    if outcome == "refused":
+        with pytest.raises(SnapshotError):
+            store.save("sesn_a", engine_stream())
+    else:
+        store.save("sesn_a", engine_stream())
+    assert closed == [True]

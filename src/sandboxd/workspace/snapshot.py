@@ -132,6 +132,16 @@ class _Source(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def close_input(self) -> None:
+        """Close the caller's stream (a generator over the engine's response): left open, it keeps the
+        engine's connection, and the engine keeps the container busy, until it is garbage-collected."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception:  # noqa: BLE001, S110 - a stream that fails to close has nothing more to say
+                pass
+
     def check_deadline(self) -> None:
         if self._clock() > self._deadline:
             raise SnapshotError(SnapshotFailure.TIMED_OUT, "the save ran past its deadline")
@@ -445,6 +455,7 @@ def copy_workspace(chunks: Iterable[bytes], out: IO[bytes], *, max_bytes: int, m
     """Copy docker's tar of /workspace from `chunks` to `out` as a tar of relative, re-owned members.
 
     `deadline` is a `clock()` time (monotonic by default), checked on every read and every member.
+    `chunks` is closed (if it has a `close`) when the copy ends, whether it was read to its end or not.
     Raises SnapshotError (unsafe, too_large, too_many_members, name_too_long, names_too_large,
     timed_out, corrupt) and SourceFailed.
     """
@@ -465,6 +476,8 @@ def copy_workspace(chunks: Iterable[bytes], out: IO[bytes], *, max_bytes: int, m
             _check_end(tar_in, source)
     except tarfile.TarError as exc:
         raise SnapshotError(SnapshotFailure.CORRUPT, f"the workspace stream is not a valid tar: {exc}") from None
+    finally:
+        source.close_input()  # read to its end, or abandoned: either way, at once
     copy.stats.tar_bytes = counting.size
     return copy.stats
 
