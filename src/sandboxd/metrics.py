@@ -36,6 +36,8 @@ EGRESS_DECISIONS = ("allowed", "refused", "audit")
 # The values of sandboxd.network.broker.Refusal and sandboxd.protocol.Dropped (a unit test keeps them equal).
 BROKER_REFUSALS = ("not_assigned", "credential", "route", "bad_request", "body_too_large", "timeout", "upstream")
 OUTPUT_DROPS = ("malformed", "oversized", "not_an_event")
+EGRESS_REFUSALS = ("not_allowed", "address", "unresolved", "bad_request", "too_large", "smuggling", "host_mismatch",
+                   "header_timeout", "not_tls", "no_sni", "sni_mismatch", "hidden_sni", "hello_timeout")
 RESTORE_RESULTS = ("hit", "miss", "expired", "corrupt", "discarded")
 _FAST_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -186,6 +188,9 @@ class Metrics:
         self.broker_refused = Counter(
             "sandboxd_broker_refused_total", "API broker requests refused, by reason.", ["reason"], registry=r
         )
+        self.egress_refused = Counter(
+            "sandboxd_egress_refused_total", "Egress proxy refusals, by reason.", ["reason"], registry=r
+        )
         self.sandbox_output_dropped = Counter(
             "sandboxd_sandbox_output_dropped_total",
             "Lines of a sandbox's stdout that were not events (malformed, oversized, binary).", ["reason"],
@@ -212,6 +217,7 @@ class Metrics:
             (self.workspace_transfer_bytes, [("save",), ("restore",)]),
             (self.egress_requests, [(d,) for d in EGRESS_DECISIONS]),
             (self.broker_refused, [(r,) for r in BROKER_REFUSALS]),
+            (self.egress_refused, [(r,) for r in EGRESS_REFUSALS]),
             (self.sandbox_output_dropped, [(r,) for r in OUTPUT_DROPS]),
         ]
         for family, values in series:

@@ -105,7 +105,8 @@ class Channels:
         broker = ApiBroker(self.base_url, on_refused=lambda reason: metrics.broker_refused.labels(reason.value).inc())
         proxy = None
         if self.egress is not None:
-            proxy = EgressProxy(self.egress, self.socket_dir / "egress.sock", on_decision=decided)
+            proxy = EgressProxy(self.egress, self.socket_dir / "egress.sock", on_decision=decided,
+                                on_refused=lambda reason: metrics.egress_refused.labels(reason.value).inc())
         try:
             async with anyio.create_task_group() as tg:
                 doors = SandboxDoors(self, tg, broker, proxy)
