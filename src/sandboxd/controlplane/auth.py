@@ -3,7 +3,8 @@
 Owns the key ring (environment key, API key, one sessions token per work item)
 and the per-route rules: which Bearer credential a route accepts, and whether
 a refusal is 401 (unknown or expired credential) or 403 (known, but not for
-this). A sessions token is scoped to its work item (the SDK: "a short-lived
+this). The API key (the application's credential) may list and send a session's
+events, but not retrieve or stream it. A sessions token is scoped to its work item (the SDK: "a short-lived
 payload scoped to this work item"): it authorizes that item's heartbeat and
 stop, and the session's routes only while that item is the session's current one.
 """
@@ -77,12 +78,16 @@ class KeyRing:
             raise ApiError(403, f"this endpoint requires an API key, not the {caller.kind.replace('_', ' ')}")
         return caller
 
-    def require_session(self, token: str | None, session_id: str | None, current_work_id: str | None) -> Caller:
-        """Session routes: the environment key, or the sessions token of the session's current item.
+    def require_session(
+        self, token: str | None, session_id: str | None, current_work_id: str | None, *, application: bool = False
+    ) -> Caller:
+        """Session routes: the environment key, or the sessions token of the session's current item;
+        with `application` (listing and sending events: how the application confirms tool calls and
+        answers custom tools) the API key too.
 
         A token of an earlier item of the same session has expired (401); any other is 403."""
         caller = self.identify(token)
-        if caller.kind == "environment_key":
+        if caller.kind == "environment_key" or (application and caller.kind == "api_key"):
             return caller
         if caller.kind == "sessions_token" and session_id is not None and caller.session_id == session_id:
             if caller.work_id == current_work_id:

@@ -2,7 +2,8 @@
 
 Owns what a run is scripted with: the environment and its keys, lease and
 reclaim timings, the scripted sessions (turns of tool steps with expectations,
-how the session ends, its secret and skills) and the fault plan (seeded API
+each an agent-toolset call under a permission policy or a custom tool call; how
+the session ends, its secret and skills) and the fault plan (seeded API
 errors, delays and dropped streams). Also builds the six-tool demo session.
 No HTTP and no mutable run state here.
 """
@@ -18,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SessionEnd = Literal["terminate", "idle"]
 SecretMode = Literal["token", "none", "garbage"]
 SessionStatus = Literal["running", "idle", "terminated"]
+Permission = Literal["allow", "ask", "deny"]
+Confirmation = Literal["allow", "deny"]
 FaultRoute = Literal[
     "poll", "ack", "heartbeat", "stop", "stats", "session", "stream", "events_list", "events_send",
     "skill_version", "skill_content",
@@ -39,23 +42,46 @@ def new_session_id() -> str:
 
 
 class Expect(BaseModel):
-    """What a tool result must look like; `None`/empty means "not checked"."""
+    """What a tool result must look like; `None`/empty means "not checked".
+
+    `confirmation` (steps with permission `ask`): the user's decision the step expects. The result
+    checks apply only to a result that arrived: a denied call has none.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     is_error: bool | None = None
     contains: list[str] = Field(default_factory=list)
     not_contains: list[str] = Field(default_factory=list)
+    confirmation: Confirmation | None = None
 
 
 class ToolStep(BaseModel):
-    """One scripted `agent.tool_use`: tool name, input, and the expected result."""
+    """One scripted tool call: tool name, input, how it is governed, and the expected result.
+
+    An agent-toolset call (`agent.tool_use`) carries the server's `evaluated_permission`:
+    `allow` (always_allow: the environment's worker runs it at once), `ask` (always_ask: the
+    session goes idle until the user sends a `user.tool_confirmation`; allow lets the worker run
+    it, deny means it never runs and the agent goes on) or `deny` (refused by the server: never
+    runs, nothing waits for it). `custom=True` makes it an `agent.custom_tool_use` instead, which
+    the application answers with a `user.custom_tool_result` (permission policies do not apply).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     input: dict[str, Any] = Field(default_factory=dict)
     expect: Expect = Field(default_factory=Expect)
+    permission: Permission = "allow"
+    custom: bool = False
+
+    @model_validator(mode="after")
+    def _custom_tools_have_no_policy(self) -> ToolStep:
+        if self.custom and self.permission != "allow":
+            raise ValueError("permission policies do not apply to custom tools")
+        if self.expect.confirmation is not None and self.permission != "ask":
+            raise ValueError("expect.confirmation applies to steps with permission `ask` only")
+        return self
 
 
 class SkillSpec(BaseModel):

@@ -179,11 +179,15 @@ class ControlPlaneState:
         return record
 
     def _session_access(self, token: str | None, session_id: str, route: str) -> SessionRecord:
+        return self._session_caller(token, session_id, route)[0]
+
+    def _session_caller(self, token: str | None, session_id: str, route: str) -> tuple[SessionRecord, Caller]:
         self._keys.identify(token)  # 401 before 404
         record = self._session(session_id)
-        caller = self._keys.require_session(token, session_id, record.work_id)
+        application = route in ("events_list", "events_send")
+        caller = self._keys.require_session(token, session_id, record.work_id, application=application)
         record.note_credential(route, caller.kind)
-        return record
+        return record, caller
 
     def _item_access(self, token: str | None, environment_id: str, work_id: str) -> tuple[WorkItem, Caller]:
         self._keys.identify(token)
@@ -295,7 +299,8 @@ class ControlPlaneState:
 
     def post_events(self, token: str | None, session_id: str, events: Any) -> list[dict[str, Any]]:
         with self._lock:
-            stored = self._session_access(token, session_id, "events_send").post_events(events)
+            record, caller = self._session_caller(token, session_id, "events_send")
+            stored = record.post_events(events, caller.kind)
         self.signal.notify()
         return stored
 
@@ -339,7 +344,14 @@ class ControlPlaneState:
         turn arrived), passed, turn (current, from 1), turns [{turn, work_id, steps, results, done,
         passed}], terminated_by (null, "scenario", "admin"), pending_tool_uses, late_results
         (results posted after a termination, not counted), streams_dropped,
-        events, credentials_seen {route: [kind]}.
+        events, credentials_seen {route: [kind]}. Each result also has type (agent.tool_use or
+        agent.custom_tool_use), evaluated_permission, confirmation (allow, deny or null),
+        confirmed_by, ran (a result arrived; false for a denied call) and posted_by (the credential
+        kind that posted it: sessions_token or environment_key is the worker, api_key the
+        application); awaiting_user [{event_id, type, name, awaiting}] (the calls the session waits
+        on the user for: `user.tool_confirmation` or `user.custom_tool_result`), confirmations
+        [{tool_use_id, result, by}], refused_events [{type, tool_use_id, by, reason}] (posts the API
+        refused with 400: a result for a denied or unconfirmed call, of the wrong type, ...).
         `faults`: {plan, injected: {"route.kind" or one-shot name: count}}. `stop_summary`: {items,
         stopped_once, stopped_more: [work_id], not_stopped: [work_id]}. Plus `stats` (as the stats
         endpoint), `workers_polling` (ids seen in the last 30 s), `requests` ({route: count} of /v1
