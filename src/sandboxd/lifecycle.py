@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 
 from .containers import DockerBackend
+from .logs import printable
 from .metrics import Metrics
 from .network.broker import Door, Grant, Traffic
 from .outcome import Outcome
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REMOVAL_RETRY_SECONDS = 5.0
+EVENTS_PER_SECOND = 50
 
 
 @dataclass(frozen=True)
@@ -246,12 +248,21 @@ class Lifecycle:
         tracked.exited.set()
 
     async def _follow(self, tracked: Tracked) -> None:
-        """Read the sandbox's stdout: hostile input, parsed in bounded lines, dropped lines counted."""
-        splitter = LineSplitter()
+        """Read the sandbox's stdout: hostile input, parsed in bounded lines, dropped lines counted.
+
+        At most EVENTS_PER_SECOND are taken (a worker makes a few per tool call), so a tool forging
+        events by the thousand cannot inflate the fleet's tool metrics beyond that.
+        """
+        splitter, window, taken = LineSplitter(), 0, 0
         try:
             async for chunk in self.backend.events(tracked.sandbox):
                 for line in splitter.feed(chunk):
                     event = line if isinstance(line, Dropped) else parse_event(line)
+                    if not isinstance(event, Dropped) and tracked.adopted_at <= event.at:
+                        now = int(time.monotonic())
+                        window, taken = (window, taken + 1) if now == window else (now, 1)
+                        if taken > EVENTS_PER_SECOND:
+                            event = Dropped.RATE_LIMITED
                     if isinstance(event, Dropped):
                         self._metrics.sandbox_output_dropped.labels(event.value).inc()
                         continue
@@ -275,7 +286,7 @@ class Lifecycle:
         if log.isEnabledFor(level):
             work = sandbox.record.item.work_id if sandbox.record else "-"
             for text in await self.backend.logs_tail(sandbox, self.limits.container_log_lines):
-                log.log(level, "sandbox_log work_id=%s | %s", work, text)
+                log.log(level, "sandbox_log work_id=%s line=%s", work, printable(text))
         await self.remove(tracked)
 
     async def remove(self, tracked: Tracked) -> None:

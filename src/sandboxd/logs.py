@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import TextIO
 
 _PAIR = re.compile(r"^([a-z_][a-z0-9_]*)=(.*)$")
@@ -108,6 +109,9 @@ def redacting(*values: str | None) -> AbstractContextManager[None]:
     return _redactor.scoped(values)
 
 
+_RESERVED = frozenset({"time", "level", "logger", "exception", "stack"})
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, event and the message's key=value pairs."""
 
@@ -118,7 +122,8 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
-        out.update(parse_event(message))
+        # The message's fields never override the record's own (a value may carry untrusted text).
+        out.update({k: v for k, v in parse_event(message).items() if k not in _RESERVED})
         if record.exc_text:
             out["exception"] = record.exc_text
         elif record.exc_info:
@@ -143,7 +148,7 @@ def parse_event(message: str) -> dict[str, object]:
     rest: list[str] = []
     for token in tokens[1:]:
         match = _PAIR.match(token)
-        if match:
+        if match and match.group(1) != "event":
             fields[match.group(1)] = _value(match.group(1), match.group(2))
         else:
             rest.append(token)
@@ -176,3 +181,49 @@ def configure(fmt: str = "text", level: str = "INFO", stream: TextIO | None = No
     for noisy in ("httpx", "httpx2", "httpcore", "httpcore2", "urllib3", "docker"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if root.level <= logging.DEBUG else logging.WARNING)
     return _redactor
+
+
+class LogBudget:
+    """Lines a source may put in the daemon's log: the first `burst`, then one every `interval_seconds`
+    carrying the count of those left out. A sandbox that makes refusals by the thousand cannot drown
+    the daemon's log (or journald's rate limit) and its neighbours' lines; the metrics count them all.
+    """
+
+    def __init__(self, burst: int = 5, interval_seconds: float = 30.0) -> None:
+        self._burst = burst
+        self._interval = interval_seconds
+        self._logged = 0
+        self._next = 0.0
+        self._skipped = 0
+
+    def take(self) -> int | None:
+        """None: leave this line out; else log it, noting the returned number of lines left out before it."""
+        now = time.monotonic()
+        if self._logged < self._burst or now >= self._next:
+            self._logged += 1
+            self._next = now + self._interval
+            skipped, self._skipped = self._skipped, 0
+            return skipped
+        self._skipped += 1
+        return None
+
+
+def printable(text: str, limit: int = 2000) -> str:
+    """Untrusted text (a sandbox's output) as one shell-quoted token: control characters escaped,
+    cut at `limit`, so it can neither fake other log fields nor move the terminal."""
+    cleaned = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:limit])
+    return shlex.quote(cleaned + ("…" if len(text) > limit else ""))
+
+
+# The budget of the sandbox whose connection is being served (set by its listener; tasks inherit it).
+sandbox_log_budget: ContextVar[LogBudget | None] = ContextVar("sandbox_log_budget", default=None)
+
+
+def log_within_budget(logger: logging.Logger, level: int, msg: str, *args: object) -> None:
+    """Log a line caused by a sandbox's request, within that sandbox's budget (all of it outside one)."""
+    budget = sandbox_log_budget.get()
+    skipped = budget.take() if budget is not None else 0
+    if skipped is None or not logger.isEnabledFor(level):
+        return
+    logger.log(level, msg + (" (and %d more lines of this sandbox not logged)" if skipped else ""),
+               *args, *((skipped,) if skipped else ()))

@@ -35,7 +35,7 @@ TOOLS = ("bash", "read", "write", "edit", "glob", "grep", "other")
 EGRESS_DECISIONS = ("allowed", "refused", "audit")
 # The values of sandboxd.network.broker.Refusal and sandboxd.protocol.Dropped (a unit test keeps them equal).
 BROKER_REFUSALS = ("not_assigned", "credential", "route", "bad_request", "body_too_large", "timeout", "upstream")
-OUTPUT_DROPS = ("malformed", "oversized", "not_an_event")
+OUTPUT_DROPS = ("malformed", "oversized", "not_an_event", "rate_limited")
 EGRESS_REFUSALS = ("not_allowed", "address", "unresolved", "bad_request", "too_large", "smuggling", "host_mismatch",
                    "header_timeout", "not_tls", "no_sni", "sni_mismatch", "hidden_sni", "hello_timeout")
 RESTORE_RESULTS = ("hit", "miss", "expired", "corrupt", "discarded")

@@ -113,6 +113,7 @@ class Dropped(enum.StrEnum):
     MALFORMED = "malformed"  # not JSON, or not a JSON object
     OVERSIZED = "oversized"  # longer than MAX_EVENT_LINE
     NOT_AN_EVENT = "not_an_event"  # JSON, but not an event this daemon knows, or a field out of bounds
+    RATE_LIMITED = "rate_limited"  # more events per second than a worker makes (a tool forging them)
 
 
 MAX_EVENT_LINE = 4096

@@ -21,10 +21,11 @@ from sandboxd.controlplane.scenario import Expect, ScriptedSession, ToolStep
 from tests.e2e.conftest import Harness
 
 # Run by a tool: every process's mem/environ/fd, and for the worker (the sandboxd-sandbox entrypoint)
-# whether any of them could be read; every readable byte is searched for a sessions token.
+# whether any of them could be read; every readable byte is searched for a sessions token or the
+# placeholder the worker holds instead.
 PROC_SCAN = r'''
 import os, re
-token = re.compile(rb"sk-ant-sess-[A-Za-z0-9-]+")
+token = re.compile(rb"sk-ant-sess-[A-Za-z0-9-]+|sandboxd-placeholder-[0-9a-f]{8,}")
 found, worker = set(), []
 for pid in filter(str.isdigit, os.listdir("/proc")):
     try:

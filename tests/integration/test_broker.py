@@ -238,7 +238,7 @@ async def test_malformed_oversized_or_slow_requests_are_refused(api_server: _Ser
         assert doors_limits.header_timeout_seconds <= 10
         response = await raw_exchange(path, request_bytes, read_seconds=15)
     assert api_server.seen == []
-    assert response == b"" or response.startswith((b"HTTP/1.1 400", b"HTTP/1.1 408", b"HTTP/1.1 403")), response[:100]
+    assert response == b"" or response.startswith((b"HTTP/1.1 400", b"HTTP/1.1 408", b"HTTP/1.1 431")), response[:100]
     assert refused(metrics, reason) + refused(metrics, "credential") >= 1
 
 

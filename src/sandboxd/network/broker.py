@@ -30,6 +30,8 @@ import anyio.abc
 import h11
 import httpx2
 
+from ..logs import LogBudget
+
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 32 * 1024
@@ -83,6 +85,7 @@ class Door:
     name: str
     grant: Grant | None = None
     observe: Callable[[Traffic], None] = lambda traffic: None
+    log_budget: LogBudget = field(default_factory=LogBudget)  # its refusals in the daemon's log
 
 
 @dataclass(frozen=True)
@@ -245,6 +248,9 @@ class ApiBroker:
                 raise _Refused(Refusal.TIMEOUT, 408, "the request body did not arrive in time")
 
     def _check(self, door: Door, request: h11.Request) -> tuple[Grant, Traffic, str]:
+        # h11 bounds a head only while it is incomplete; one that arrived whole in a read is measured here.
+        if len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) > MAX_HEAD_BYTES:
+            raise _Refused(Refusal.BAD_REQUEST, 431, "the request head is too large")
         grant = door.grant
         if grant is None:
             raise _Refused(Refusal.NOT_ASSIGNED, 403, "this sandbox has no work item")
@@ -322,7 +328,10 @@ class ApiBroker:
     async def _refuse(self, conn: h11.Connection, stream: anyio.abc.ByteStream, door: Door,
                       refused: _Refused) -> None:
         self._on_refused(refused.reason)
-        log.warning("broker_refused sandbox=%s reason=%s", door.name, refused.reason.value)
+        skipped = door.log_budget.take()
+        if skipped is not None:
+            log.warning("broker_refused sandbox=%s reason=%s%s", door.name, refused.reason.value,
+                        f" (and {skipped} more refusals not logged)" if skipped else "")
         if conn.our_state is not h11.SEND_RESPONSE and conn.our_state is not h11.IDLE:
             return  # a response is already under way: all that is left is to close
         body = json.dumps({"type": "error", "error": {"type": "permission_error" if refused.status == 403

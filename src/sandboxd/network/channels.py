@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 
 from ..errors import ConfigError
+from ..logs import LogBudget, sandbox_log_budget
 from ..metrics import Metrics
 from .allowlist import EgressPolicy
 from .broker import ApiBroker, Door, Grant, Traffic
@@ -157,6 +158,7 @@ class SandboxDoors:
                 await tg.start(self._listen, directory / "api.sock", partial(self._broker.handle, door=door),
                                limits.api_connections, f"broker {door.name}")
                 if self._proxy is not None:
+                    sandbox_log_budget.set(LogBudget())  # inherited by this sandbox's proxy connections
                     await tg.start(self._listen, directory / "egress.sock", self._proxy.handle,
                                    limits.egress_connections, f"egress {door.name}")
                 task_status.started(scope)

@@ -28,6 +28,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from ..logs import log_within_budget
 from .addresses import refusal
 from .allowlist import EgressPolicy, is_ip_literal, normalise_host
 from .http1 import (
@@ -131,12 +132,14 @@ class EgressGate:
         host = canonical
         verdict = await self._judge(host, port)
         if verdict.decision is Decision.ALLOWED:
-            log.info("egress_allowed host=%s port=%d address=%s", host, port, verdict.addresses[0])
+            log_within_budget(log, logging.INFO, "egress_allowed host=%s port=%d address=%s", host, port,
+                              verdict.addresses[0])
         elif verdict.decision is Decision.AUDIT:
-            log.warning("egress_audit host=%s port=%d address=%s reason=%s",
-                        host, port, verdict.addresses[0], verdict.reason)
+            log_within_budget(log, logging.WARNING, "egress_audit host=%s port=%d address=%s reason=%s",
+                              host, port, verdict.addresses[0], verdict.reason)
         else:
-            log.warning("egress_refused host=%s port=%d reason=%s", host, port, verdict.reason)
+            log_within_budget(log, logging.WARNING, "egress_refused host=%s port=%d reason=%s", host, port,
+                              verdict.reason)
         if self._on_decision is not None:
             self._on_decision(verdict.decision)
         return verdict
@@ -380,7 +383,8 @@ class EgressProxy:
 
     def _refused(self, reason: RefusalReason, host: str | None, port: int | None, detail: str) -> None:
         """Log and count a refusal. `detail` is the proxy's own text: never a header value or other client bytes."""
-        log.warning("egress_refused host=%s port=%s reason=%s detail=%s", host or "-", port or "-", reason, detail)
+        log_within_budget(log, logging.WARNING, "egress_refused host=%s port=%s reason=%s detail=%s", host or "-",
+                          port or "-", reason, detail)
         if self._on_refused is not None:
             self._on_refused(reason)
 
