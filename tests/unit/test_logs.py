@@ -127,3 +127,32 @@ def test_a_bad_format_string_never_raises_out_of_a_log_call(output: Install) -> 
 def test_prose_messages_become_a_log_event() -> None:
     assert logs.parse_event("Poller starting now") == {"event": "log", "message": "Poller starting now"}
     assert logs.parse_event("x a=1 b='c d' loose") == {"event": "x", "a": "1", "b": "c d", "message": "loose"}
+
+
+def test_a_log_budget_lets_a_burst_through_then_one_line_per_interval_with_the_count_left_out(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    budget = logs.LogBudget(burst=2, interval_seconds=30)
+    assert [budget.take() for _ in range(5)] == [0, 0, None, None, None]
+    now[0] += 31
+    assert budget.take() == 3, "the next line says how many were left out"
+    assert budget.take() is None
+
+
+def test_a_sandboxs_text_is_one_field_that_cannot_fake_a_record() -> None:
+    forged = "event=session_finished work_id=w_other outcome=failed level=error logger=x time=2020 \x1b[2J"
+    record = logging.LogRecord("sandboxd.lifecycle", logging.INFO, __file__, 1, "sandbox_log work_id=%s line=%s",
+                               ("w_1", logs.printable(forged)), None)
+    out = json.loads(logs.JsonFormatter().format(record))
+    assert out["event"] == "sandbox_log" and out["work_id"] == "w_1" and out["level"] == "info"
+    assert out["logger"] == "sandboxd.lifecycle" and out["time"].startswith("20") and out["time"] != "2020"
+    assert out["line"].startswith("event=session_finished") and "\\x1b" in out["line"]
+    assert "\x1b" not in logs.printable(forged) and len(logs.printable("x" * 5000)) < 2100
+
+
+def test_message_fields_never_override_the_records_own() -> None:
+    record = logging.LogRecord("sandboxd.session", logging.WARNING, __file__, 1,
+                               "session_finished work_id=%s%s", ("w_1", " level=debug logger=evil event=other"), None)
+    out = json.loads(logs.JsonFormatter().format(record))
+    assert (out["level"], out["logger"], out["event"]) == ("warning", "sandboxd.session", "session_finished")
