@@ -132,7 +132,7 @@ def test_prose_messages_become_a_log_event() -> None:
 def test_a_log_budget_lets_a_burst_through_then_one_line_per_interval_with_the_count_left_out(
         monkeypatch: pytest.MonkeyPatch) -> None:
     now = [100.0]
-    monkeypatch.setattr(logs.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr("sandboxd.logs.time.monotonic", lambda: now[0])
     budget = logs.LogBudget(burst=2, interval_seconds=30)
     assert [budget.take() for _ in range(5)] == [0, 0, None, None, None]
     now[0] += 31
