@@ -222,7 +222,7 @@ def test_a_snapshot_the_engine_refuses_is_discarded_and_the_session_fetched_afre
         ],
     ))
     env = {**_git_env(git_fixture), "SANDBOXD_WORKSPACE_STORE_DIR": str(store_dir)}
-    first = harness.drain(**env)
+    first = harness.drain(env=env)
     assert first.returncode == 0 and "workspace_saved" in first.output, first.output[-3000:]
 
     # Replace the session's snapshot with one the engine refuses, written by a store whose copy is a no-op.

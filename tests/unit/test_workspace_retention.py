@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
-from typing import IO
+from typing import IO, cast
 
 import anyio
 import docker.errors
@@ -24,7 +24,7 @@ from sandboxd.metrics import Metrics
 from sandboxd.outcome import Outcome
 from sandboxd.retention import SAVE_THREADS, WorkspaceRetention
 from sandboxd.sandbox import AssignmentRecord, Sandbox
-from sandboxd.settlement import ItemRef
+from sandboxd.settlement import ItemRef, Settlement
 from sandboxd.workspace.store import RestoreResult, WorkspaceStore
 
 pytestmark = pytest.mark.anyio
@@ -75,7 +75,7 @@ def finished(box: Sandbox) -> Tracked:
     return Tracked(sandbox=box, workspace_ready=True)
 
 
-SERVED = SimpleNamespace(outcome=Outcome.SUCCEEDED)
+SERVED = cast(Settlement, SimpleNamespace(outcome=Outcome.SUCCEEDED))  # all keep() reads of a settlement
 
 
 @pytest.fixture
@@ -215,11 +215,15 @@ async def test_a_restore_waits_for_its_own_sessions_save(store: WorkspaceStore) 
         gate.wait(10)
         yield workspace(("from-first", b"1"))
 
+    def open_gate_later() -> None:
+        time.sleep(0.3)
+        gate.set()
+
     engine.streams[first.name] = slow
     async with anyio.create_task_group() as tg:
         tg.start_soon(retention.keep, finished(first), SERVED)
         await anyio.sleep(0.1)
-        tg.start_soon(anyio.to_thread.run_sync, lambda: (time.sleep(0.3), gate.set()))
+        tg.start_soon(anyio.to_thread.run_sync, open_gate_later)
         with anyio.fail_after(10):
             assert await retention.restore("sesn_a", second)
     assert b"from-first" in engine.delivered["second"]
