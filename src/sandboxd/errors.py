@@ -7,7 +7,7 @@
     └── WorkItemError        one work item cannot be served (no usable secret, bad metadata, ...)
         └── WorkspaceError   the workspace could not be prepared (reason label); see sandboxd.workspace
             └── SnapshotError    a kept workspace could not be saved (sandboxd.workspace.snapshot);
-                                 the previous snapshot stays, the session is not failed for it
+                                 nothing is kept (no silent roll-back), the session is not failed for it
 
 Anything else raised while serving a work item is a bug: it fails that item, is logged with its
 traceback, and the daemon keeps serving the others.
