@@ -9,10 +9,11 @@ posts nothing. The control plane records who posted every result and confirmatio
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from sandboxd.controlplane.scenario import Confirmation
 from tests.integration.test_controlplane import bearer, claim_all, token_of
 
 BETA = {"anthropic-beta": "managed-agents-2026-04-01"}
+RUNNER_LOG = "anthropic.lib.tools._beta_session_runner"
 
 
 def ask(command: str, *contains: str, confirmation: Confirmation | None = None) -> ToolStep:
@@ -120,6 +122,23 @@ class Application:
         return False
 
 
+def runner_logged(caplog: pytest.LogCaptureFixture, text: str, count: int = 1, timeout: float = 10) -> None:
+    """Wait (in the application's thread) until the SDK runner logged `text` `count` times."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sum(text in r.getMessage() for r in caplog.records if r.name == RUNNER_LOG) >= count:
+            return
+        time.sleep(0.05)
+
+
+def runner_has_held(caplog: pytest.LogCaptureFixture, count: int) -> None:
+    runner_logged(caplog, "tool call awaiting confirmation; holding", count)
+
+
+async def wait_until(cp: ControlPlane, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    return await anyio.to_thread.run_sync(lambda: cp.wait_for(predicate, 15.0))
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -137,10 +156,13 @@ def plane() -> Iterator[ControlPlane]:
         yield cp
 
 
-async def serve_one(cp: ControlPlane, workdir: Path) -> None:
-    """Claim the one queued item and serve it with the SDK's own worker, on its sessions token."""
+async def serve_one(cp: ControlPlane, workdir: Path, before: Callable[[str], Awaitable[None]] | None = None) -> None:
+    """Claim the one queued item and serve it with the SDK's own worker, on its sessions token
+    (after `before(sessions_token)`, if given)."""
     async with AsyncAnthropic(base_url=cp.url, api_key="unused") as client:
         (work,) = await claim_all(client, cp)
+        if before is not None:
+            await before(token_of(work))
         worker = EnvironmentWorker(client, workdir=workdir, max_idle=1)
         with anyio.fail_after(30):
             await worker.handle_item(
@@ -161,15 +183,23 @@ def assert_served_once(state: dict[str, Any], session_id: str) -> dict[str, Any]
 
 @pytest.mark.anyio
 async def test_an_allowed_call_runs_once_confirmed_and_a_denied_one_never_runs(
-    plane: ControlPlane, tmp_path: Path
+    plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=RUNNER_LOG)
     steps = [
         ask("echo confirmed > allowed.txt && cat allowed.txt", "confirmed", confirmation="allow"),
         ask("touch denied.txt && echo ran-anyway", confirmation="deny"),
         bash("test ! -e denied.txt && echo denied-call-never-ran", "denied-call-never-ran"),
     ]
     session_id, _ = plane.add_session(ScriptedSession(steps=steps))
-    decide = lambda command: "deny" if "denied.txt" in command else "allow"  # noqa: E731
+    decisions: list[str] = []
+
+    def decide(command: str) -> str:
+        # Once the worker's runner holds the call (a confirmation read with the call is never held).
+        runner_has_held(caplog, len(decisions) + 1)
+        decisions.append("deny" if "denied.txt" in command else "allow")
+        return decisions[-1]
+
     with Application(plane, session_id, decide=decide, deny_message="not in this workspace"):
         await serve_one(plane, tmp_path)
     record = assert_served_once(plane.state_snapshot(), session_id)
@@ -185,18 +215,30 @@ async def test_an_allowed_call_runs_once_confirmed_and_a_denied_one_never_runs(
     # The worker read and answered on its sessions token; the application listed and sent on the API key.
     assert record["credentials_seen"]["events_send"] == ["api_key", "sessions_token"]
     assert record["credentials_seen"]["stream"] == ["sessions_token"]
+    # The SDK's runner held both calls for a confirmation, and left the denied one alone.
+    runner = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
+    assert sum("awaiting confirmation; holding tool=bash" in m for m in runner) == 2, runner
+    assert [m for m in runner if m.startswith("not executing tool")] == [
+        f"not executing tool tool=bash tool_use_id={denied['tool_use_id']} confirmation=deny"
+    ]
 
 
 @pytest.mark.anyio
 async def test_a_custom_tool_call_is_answered_by_the_application_never_by_the_worker(
-    plane: ControlPlane, tmp_path: Path
+    plane: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=RUNNER_LOG)
     steps = [
         custom("lookup_order", "order 42: shipped", order_id="42"),
         bash("echo after-the-custom-tool", "after-the-custom-tool"),
     ]
     session_id, _ = plane.add_session(ScriptedSession(steps=steps))
-    answer = lambda name, tool_input: f"order {tool_input['order_id']}: shipped"  # noqa: E731
+
+    def answer(name: str, tool_input: dict[str, Any]) -> str:
+        # Once the worker's runner has seen the call (an answer read with the call is never dispatched).
+        runner_logged(caplog, "not executing tool tool=lookup_order")
+        return f"order {tool_input['order_id']}: shipped"
+
     with Application(plane, session_id, answer=answer) as application:
         await serve_one(plane, tmp_path)
     record = assert_served_once(plane.state_snapshot(), session_id)
@@ -207,6 +249,34 @@ async def test_a_custom_tool_call_is_answered_by_the_application_never_by_the_wo
     assert (lookup["text"], lookup["posted_by"]) == ("order 42: shipped", "api_key")
     assert (after["posted_by"], after["text"]) == ("sessions_token", "after-the-custom-tool")
     assert list(application.handled.values()) == ["answered"]
+    # The SDK's runner saw the call and, not owning the tool, posted nothing for it.
+    runner = [r.getMessage() for r in caplog.records if r.name == RUNNER_LOG]
+    assert f"not executing tool tool=lookup_order tool_use_id={lookup['tool_use_id']} confirmation=None" in runner
+
+
+@pytest.mark.anyio
+async def test_decisions_made_before_the_worker_connects_are_honoured(plane: ControlPlane, tmp_path: Path) -> None:
+    """The worker comes late: the denial and the approval are already in the history it reads."""
+    steps = [
+        ask("touch early-denied.txt", confirmation="deny"),
+        ask("echo allowed-early", "allowed-early", confirmation="allow"),
+        bash("test ! -e early-denied.txt && echo absent", "absent"),
+    ]
+    session_id, _ = plane.add_session(ScriptedSession(steps=steps))
+    decide = lambda command: "deny" if "early-denied" in command else "allow"  # noqa: E731
+
+    async def decide_first(token: str) -> None:
+        headers = {"authorization": f"Bearer {token}", **BETA}
+        async with httpx.AsyncClient(base_url=plane.url, headers=headers) as http:
+            async with http.stream("GET", f"/v1/sessions/{session_id}/events/stream"):  # the script starts
+                await wait_until(plane, lambda s: len(s["sessions"][session_id]["confirmations"]) == 2)
+
+    with Application(plane, session_id, decide=decide):
+        await serve_one(plane, tmp_path, before=decide_first)
+    record = assert_served_once(plane.state_snapshot(), session_id)
+    assert [(r["confirmation"], r["ran"], r["text"]) for r in record["results"]] == [
+        ("deny", False, None), ("allow", True, "allowed-early"), (None, True, "absent")
+    ]
 
 
 @pytest.mark.anyio
