@@ -68,6 +68,7 @@ def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> Sandbo
         instance=instance_name(settings),
         extra_env=ways_out.sandbox_env() if ways_out else {},
         channel_dir=str(ways_out.socket_dir) if ways_out else None,
+        allow_unenforced_limits=settings.allow_unenforced_limits,
     )
 
 

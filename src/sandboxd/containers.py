@@ -31,6 +31,16 @@ from docker.types import LogConfig, Mount
 
 from .disks import DiskError, LoopDisks
 from .errors import EngineError, LaunchError
+from .limits import (
+    PROBE_SCRIPT,
+    SandboxLimits,
+    Wanted,
+    cpu_refused,
+    dropped_by_warnings,
+    missing_from_host_config,
+    parse_probe,
+    unenforced_in_cgroup,
+)
 from .sandbox import (
     LABEL_CREATED,
     LABEL_IMAGE_ID,
@@ -52,6 +62,7 @@ T = TypeVar("T")
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException)
 SANDBOX_SOCKET_DIR = "/run/sandboxd"
 LOG_LIMITS = {"max-size": "8m", "max-file": "2"}  # 16 MB of a sandbox's output at most, per sandbox
+PROBE_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +87,8 @@ class SandboxSpec:
     bind_mounts: Mapping[str, str] = field(default_factory=dict)
     # The channels' socket directory: `<channel_dir>/<sandbox name>` is mounted read-only at /run/sandboxd.
     channel_dir: str | None = None
+    # Sandboxes may run while the engine does not enforce memory_limit, pids_limit or cpus (see limits).
+    allow_unenforced_limits: bool = False
 
 
 class DockerBackend:
@@ -88,6 +101,10 @@ class DockerBackend:
         self.disks = disks  # a filesystem per workspace (None: the disk watch polls sizes instead)
         self._calls = anyio.CapacityLimiter(max_threads)
         self._waits = anyio.CapacityLimiter(2048)  # a long `wait` and a log follower per sandbox
+        self.limits = SandboxLimits(Wanted.of(spec.memory_limit, spec.pids_limit, spec.cpus),
+                                    spec.allow_unenforced_limits)
+        self._omit_nano_cpus = False  # the engine refuses NanoCpus and that is allowed: create without
+        self.limits.check = self._probe_limits
 
     @classmethod
     def from_env(cls, spec: SandboxSpec, disks: LoopDisks | None = None) -> DockerBackend:
@@ -185,15 +202,10 @@ class DockerBackend:
             return LaunchError(_launch_reason(cause), f"could not start the sandbox container: {cause}")
         return None
 
-    def _create(self, sandbox: Sandbox) -> str:
-        spec, api = self.spec, self._client.api
-        mounts = [Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
-        mounts += [Mount(target=target, source=source, type="bind", read_only=True)
-                   for source, target in spec.bind_mounts.items()]
-        if spec.channel_dir is not None:
-            mounts.append(Mount(target=SANDBOX_SOCKET_DIR, source=f"{spec.channel_dir}/{sandbox.name}",
-                                type="bind", read_only=True))
-        host_config = api.create_host_config(
+    def _host_config(self, mounts: list[Mount]) -> dict[str, Any]:
+        """The walls and limits of every sandbox (and of the limits probe, which has no mounts)."""
+        spec = self.spec
+        host_config: dict[str, Any] = self._client.api.create_host_config(
             read_only=True,
             tmpfs={"/tmp": f"rw,nosuid,nodev,size={spec.tmp_size},mode=1777"},
             mounts=mounts,
@@ -202,7 +214,7 @@ class DockerBackend:
             pids_limit=spec.pids_limit,
             mem_limit=spec.memory_limit,
             memswap_limit=spec.memory_limit,  # no swap beyond the memory limit
-            nano_cpus=int(spec.cpus * 1e9),
+            nano_cpus=None if self._omit_nano_cpus else int(spec.cpus * 1e9),
             init=True,
             ipc_mode="private",
             network_mode=spec.network_mode,
@@ -210,6 +222,18 @@ class DockerBackend:
             # Whatever a tool writes to PID 1's stdout or stderr lands here: bounded on the engine's disk.
             log_config=LogConfig(type="json-file", config=LOG_LIMITS),
         )
+        return host_config
+
+    def _create(self, sandbox: Sandbox) -> str:
+        spec, api = self.spec, self._client.api
+        if self.limits.refused:  # the claim gate holds new work; this stops the pool and a late cold start
+            raise LaunchError("limits_not_enforced", self.limits.refusal())
+        mounts = [Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
+        mounts += [Mount(target=target, source=source, type="bind", read_only=True)
+                   for source, target in spec.bind_mounts.items()]
+        if spec.channel_dir is not None:
+            mounts.append(Mount(target=SANDBOX_SOCKET_DIR, source=f"{spec.channel_dir}/{sandbox.name}",
+                                type="bind", read_only=True))
         labels = self._labels(sandbox.name, **{LABEL_IMAGE_ID: sandbox.image_id,
                                                LABEL_CREATED: f"{sandbox.created_at:.3f}"})
         config = api.create_container_config(
@@ -223,11 +247,81 @@ class DockerBackend:
             environment={"ANTHROPIC_BASE_URL": spec.base_url, **spec.extra_env},
             stdin_open=True,
             tty=False,
-            host_config=host_config,
+            host_config=self._host_config(mounts),
         )
         # The daemon closing its attach stream is the sandbox's end of stdin (docker-py has no flag).
         config["StdinOnce"] = True
-        return str(api.create_container_from_config(config, name=sandbox.name)["Id"])
+        container_id, found = self._create_limited(config, sandbox.name)
+        self.limits.record_created(found)
+        if found and not self.limits.allow_unenforced:  # create() removes the container
+            raise LaunchError("limits_not_enforced", self.limits.refusal())
+        if self.limits.unenforced:
+            log.warning("sandbox_limits_unenforced container=%s limits=%s (allowed by allow_unenforced_limits)",
+                        sandbox.name, self.limits.names())
+        return container_id
+
+    def _create_limited(self, config: dict[str, Any], name: str) -> tuple[str, dict[str, str]]:
+        """Create the container: (its id, the limits the engine did not keep, warned about in the create
+        response or missing from its effective configuration). An engine that refuses NanoCpus (no CFS
+        scheduler, no cgroup) is asked again without them when unenforced limits are allowed; else
+        nothing is created (id "")."""
+        api, found = self._client.api, {}
+        try:
+            created = api.create_container_from_config(config, name=name)
+        except docker.errors.APIError as exc:
+            if not cpu_refused(str(exc.explanation or exc)):
+                raise
+            found["cpu"] = f"the engine refused the CPU limit: {exc.explanation or exc}"
+            if not self.limits.allow_unenforced:
+                return "", found
+            self._omit_nano_cpus = True
+            config["HostConfig"].pop("NanoCpus", None)
+            created = api.create_container_from_config(config, name=name)
+        container_id = str(created["Id"])
+        found.update(dropped_by_warnings(created.get("Warnings")))
+        host_config = api.inspect_container(container_id).get("HostConfig") or {}
+        for limit, why in missing_from_host_config(host_config, self.limits.wanted).items():
+            found.setdefault(limit, why)
+        return container_id, found
+
+    async def _probe_limits(self) -> None:
+        """Run one sandbox-like container that reads its own cgroup; record what is not enforced.
+
+        Inconclusive (no image, the engine failing, no cgroup visible as under gVisor): what the
+        engine itself said stands, and each sandbox's creation is still checked.
+        """
+        try:
+            image = await self.image_id()
+            found, output = await self._call(self._run_probe, image)
+        except (LaunchError, *_ENGINE_ERRORS) as exc:
+            log.warning("limits_probe_failed error=%s; each sandbox's limits are still checked at its creation", exc)
+            self.limits.probed = True  # not again before every claim
+            return
+        in_cgroup = None if output is None else unenforced_in_cgroup(parse_probe(output), self.limits.wanted)
+        if output is not None and in_cgroup is None:
+            log.warning("limits_probe_inconclusive: the probe sees no cgroup (gVisor?); the engine's word stands")
+        self.limits.record_probe({**found, **(in_cgroup or {})})  # the kernel's word over the engine's
+
+    def _run_probe(self, image: str) -> tuple[dict[str, str], str | None]:
+        """(what the engine did not keep, the probe's output; None when it could not be created)."""
+        api = self._client.api
+        name = f"sandboxd-probe-{uuid.uuid4().hex[:12]}"
+        config = api.create_container_config(
+            image, entrypoint=["/bin/sh", "-c", PROBE_SCRIPT], command=[], user=self.spec.user,
+            labels=self._labels(name, **{LABEL_ROLE: "limits-probe"}), host_config=self._host_config([]),
+        )
+        container_id = ""
+        try:
+            container_id, found = self._create_limited(config, name)
+            if not container_id:
+                return found, None
+            api.start(container_id)
+            api.wait(container_id, timeout=PROBE_TIMEOUT_SECONDS)
+            output = bytes(api.logs(container_id, stdout=True, stderr=False)).decode("utf-8", "replace")
+        finally:
+            with contextlib.suppress(*_ENGINE_ERRORS):
+                api.remove_container(container_id or name, force=True, v=True)
+        return found, output
 
     def _attach_stdin(self, container_id: str) -> socket.socket:
         stream: Any = self._client.api.attach_socket(container_id, params={"stdin": 1, "stream": 1})

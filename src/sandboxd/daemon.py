@@ -27,6 +27,7 @@ from anthropic.types.beta.environments import BetaSelfHostedWork
 from .containers import DockerBackend
 from .health import HealthState
 from .lifecycle import Lifecycle, Tracked
+from .limits import LimitsNotEnforced
 from .metrics import Metrics
 from .notify import Notifier
 from .outcome import Outcome
@@ -36,6 +37,8 @@ from .session import SessionResult, SessionSupervisor
 from .settlement import Settlement
 
 log = logging.getLogger(__name__)
+
+LIMITS_RECHECK_SECONDS = 60.0  # while the engine does not enforce the sandbox limits, probe again this often
 
 
 class ExitStatus:
@@ -154,6 +157,10 @@ class Daemon:
         health.at_capacity = lambda: self._running >= self._capacity
         health.all_slots_stalled = lambda: self._running >= self._capacity and self._stalled >= self._running
         lifecycle.on_stalled = self._note_stalled
+        limits = getattr(self._backend, "limits", None)  # the engine's enforcement of the sandbox limits
+        if limits is not None:
+            limits.gauge = metrics.limits_unenforced
+            health.sandbox_limits = limits.readiness
         health.seconds_since_poll = queue.health.seconds_since_success
 
     async def run(self, *, drain: bool) -> Summary:
@@ -196,6 +203,7 @@ class Daemon:
                 await self._slots.acquire()
                 try:
                     await self._engine_answers()
+                    await self._limits_hold(drain)
                     item = await anext(claims)
                 except BaseException:
                     self._slots.release()
@@ -209,6 +217,8 @@ class Daemon:
             # The poller re-raises only what retrying cannot fix (401, 403, 404...).
             self.summary.fatal = f"the API rejected polling (HTTP {exc.status_code}); check environment_id and key"
             log.error("poll_rejected status=%s; no longer claiming work", exc.status_code)
+        except LimitsNotEnforced as exc:
+            self.summary.fatal = str(exc)
         finally:
             with anyio.CancelScope(shield=True):
                 await claims.aclose()  # type: ignore[attr-defined]
@@ -230,6 +240,24 @@ class Daemon:
             answered = await self._backend.ping()
         self._health.engine_ok = True
         log.info("engine_available; claiming again")
+
+    async def _limits_hold(self, drain: bool) -> None:
+        """Claim nothing while the engine does not enforce the sandbox limits (see sandboxd.limits).
+
+        The probe runs before the first claim; while limits are refused it runs again every
+        LIMITS_RECHECK_SECONDS (an engine restarted with delegation is served without a restart).
+        `drain` does not wait: it raises LimitsNotEnforced (exit 3).
+        """
+        limits = getattr(self._backend, "limits", None)
+        if limits is None:
+            return
+        if not limits.probed:
+            await limits.check()
+        while limits.refused:
+            if drain:
+                raise LimitsNotEnforced(limits.refusal())
+            await anyio.sleep(LIMITS_RECHECK_SECONDS)
+            await limits.check()
 
     async def _serve(self, item: BetaSelfHostedWork) -> None:
         try:

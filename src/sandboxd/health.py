@@ -61,6 +61,8 @@ class HealthState(Liveness):
     seconds_since_poll: Callable[[], float | None] = lambda: None
     at_capacity: Callable[[], bool] = lambda: False
     all_slots_stalled: Callable[[], bool] = lambda: False
+    # (limits hold or may be waived, detail naming the unenforced ones): sandboxd.limits.SandboxLimits.readiness
+    sandbox_limits: Callable[[], tuple[bool, str]] = lambda: (True, "")
     engine_ok: bool = False
     polling: bool = False  # the poll loop is running (false before start-up and after shutdown began)
     started_at: float = field(default_factory=time.monotonic)
@@ -71,12 +73,15 @@ class HealthState(Liveness):
             return False, why
         if not self.engine_ok:
             return False, "docker engine not answering"
+        limits_ok, limits = self.sandbox_limits()
+        if not limits_ok:
+            return False, limits
         if not self.polling:
             return False, "not polling"
         if self.all_slots_stalled():
             return False, "every session slot is held by a stalled session"
         if self.at_capacity():
-            return True, "ok (at capacity)"
+            return True, f"ok (at capacity; {limits})" if limits else "ok (at capacity)"
         since = self.seconds_since_poll()
         if since is None:
             if time.monotonic() - self.started_at > self.poll_window_seconds:
@@ -84,7 +89,7 @@ class HealthState(Liveness):
             return False, "waiting for the first poll"
         if since > self.poll_window_seconds:
             return False, f"last successful poll {since:.0f}s ago"
-        return True, "ok"
+        return True, f"ok ({limits})" if limits else "ok"
 
 
 def health_app(registry: CollectorRegistry, probes: Probes) -> WsgiApp:

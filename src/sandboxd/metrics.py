@@ -11,10 +11,12 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from . import __version__
+from .limits import LIMITS
 from .outcome import Outcome
 
 # Launch failure reasons (LaunchError.reason) and workspace failure reasons (WorkspaceError.reason).
-LAUNCH_REASONS = ("image_missing", "engine_unavailable", "engine_error", "create_failed", "workspace_disk")
+LAUNCH_REASONS = ("image_missing", "engine_unavailable", "engine_error", "create_failed", "workspace_disk",
+                  "limits_not_enforced")
 WORKSPACE_REASONS = (
     "invalid_metadata",
     "path_escape",
@@ -196,6 +198,13 @@ class Metrics:
             "Lines of a sandbox's stdout that were not events (malformed, oversized, binary).", ["reason"],
             registry=r,
         )
+        self.limits_unenforced = Gauge(
+            "sandboxd_limits_unenforced",
+            "1 when the engine does not enforce this sandbox limit (memory, pids, cpu): sessions are refused, "
+            "or run without it under allow_unenforced_limits.", ["limit"], registry=r,
+        )
+        for limit in LIMITS:
+            self.limits_unenforced.labels(limit).set(0)
         self.queue = QueueMetrics(r)
         self._create_series()
 

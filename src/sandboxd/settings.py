@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     memory_limit: str = Field("2g", pattern=r"^\d+[bkmg]?$", description="Memory limit per sandbox.")
     cpus: float = Field(1.0, gt=0, description="CPU limit per sandbox, in cores.")
     pids_limit: int = Field(512, ge=16, description="Process limit per sandbox.")
+    allow_unenforced_limits: bool = Field(
+        False,
+        description="Run sessions although the engine does not enforce memory_limit, pids_limit or cpus (a "
+        "rootless engine without cgroup delegation), with a warning at every sandbox start. Off by default: "
+        "such an engine gets no session (LaunchError limits_not_enforced, /readyz names the limit).",
+    )
     tmp_size: str = Field("256m", pattern=r"^\d+[bkmg]?$", description="Size of the tmpfs /tmp of a sandbox.")
     container_log_lines: int = Field(40, ge=0, description="Last container log lines copied to the daemon log.")
     state_dir: Path = Field(Path("/var/lib/sandboxd"), description="Workspace staging and git mirror cache.")

@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sandboxd.exporter import oldest_age_seconds
+from sandboxd.limits import LIMITS
 from sandboxd.metrics import EGRESS_DECISIONS, LAUNCH_REASONS, RESTORE_RESULTS, TOOLS, Metrics, QueueMetrics
 from sandboxd.outcome import Outcome
 from sandboxd.workspace.store import RestoreResult
@@ -21,6 +22,7 @@ ENUM_LABELS = {
     "result": {"hit", "miss", "ok", "failed"} | set(RESTORE_RESULTS),
     "direction": {"save", "restore"},
     "decision": set(EGRESS_DECISIONS),
+    "limit": set(LIMITS),
 }
 
 
@@ -62,6 +64,7 @@ def test_every_labelled_series_exists_before_the_first_event() -> None:
     assert seen["direction"] == {"save", "restore"}
     assert seen["decision"] == set(EGRESS_DECISIONS)
     assert seen["result"] == {"hit", "miss", "ok", "failed"} | set(RESTORE_RESULTS)
+    assert seen["limit"] == {"memory", "pids", "cpu"}
 
 
 def test_every_outcome_and_launch_reason_exists_before_the_first_event() -> None:
