@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import IO, Any, ParamSpec, TypeVar
 
@@ -27,6 +28,7 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests
+from anyio.streams.memory import MemoryObjectSendStream
 from docker.types import LogConfig, Mount
 
 from .disks import DiskError, LoopDisks
@@ -62,6 +64,11 @@ T = TypeVar("T")
 _ENGINE_ERRORS = (docker.errors.DockerException, requests.RequestException)
 SANDBOX_SOCKET_DIR = "/run/sandboxd"
 LOG_LIMITS = {"max-size": "8m", "max-file": "2"}  # 16 MB of a sandbox's output at most, per sandbox
+PING_TIMEOUT_SECONDS = 10.0
+# While the engine is away (a dockerd restart), a broken wait or log follow asks it again after
+# this much, doubling up to the most, until the session's deadline.
+RECONNECT_FIRST_SECONDS = 0.5
+RECONNECT_MAX_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 60.0
 
 
@@ -118,8 +125,11 @@ class DockerBackend:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=self._calls)
 
     async def ping(self) -> bool:
+        """Whether the engine answers now (within PING_TIMEOUT_SECONDS, not the client's long timeout)."""
+        api = self._client.api
         try:
-            return bool(await self._call(self._client.ping))
+            return await self._call(lambda: api._result(api._get(api._url("/_ping"), timeout=PING_TIMEOUT_SECONDS))
+                                    == "OK")
         except _ENGINE_ERRORS:
             return False
 
@@ -372,14 +382,37 @@ class DockerBackend:
         return iter(stream)
 
     async def wait(self, sandbox: Sandbox) -> tuple[int, bool]:
-        """Wait for the container to exit: (exit status, OOM-killed). Cancellable."""
+        """Wait for the container to exit: (exit status, OOM-killed). Cancellable.
+
+        The wait outlives an engine restart (with live-restore the container runs on): broken off
+        because the engine went away, it is taken up again once the engine answers (asked with
+        backoff until the session's deadline), and goes on, or gets the exit status the container
+        reached meanwhile; a container the engine no longer has raises NotFound. A sandbox without
+        an assignment (a pool member) is not waited for: its stdin went with the engine, so it can
+        never be assigned (EngineError).
+        """
         container_id = sandbox.container_id
 
         def wait_exit() -> int:
             result = self._client.api.wait(container_id, timeout=None)
             return int(result.get("StatusCode", -1))
 
-        status = await anyio.to_thread.run_sync(wait_exit, limiter=self._waits, abandon_on_cancel=True)
+        outages = 0
+        while True:
+            try:
+                status = await anyio.to_thread.run_sync(wait_exit, limiter=self._waits, abandon_on_cancel=True)
+                break
+            except _ENGINE_ERRORS as exc:
+                if not _engine_away(exc):
+                    raise
+                if sandbox.record is None:
+                    raise EngineError(f"the engine went away before the sandbox was assigned: {exc}") from exc
+                log.warning("engine_away container=%s error=%s; waiting for it until the session's deadline",
+                            sandbox.name, exc)
+                if not await self._engine_back(sandbox, outages):
+                    raise EngineError(f"the engine did not answer again before the session's deadline: {exc}") from exc
+                outages += 1
+                log.info("engine_back container=%s; waiting for the sandbox again", sandbox.name)
         try:
             info = await self._call(self._client.api.inspect_container, container_id)
             oom = bool(info.get("State", {}).get("OOMKilled"))
@@ -391,26 +424,71 @@ class DockerBackend:
         """The sandbox's stdout from its start, in chunks as the engine sends them, following until it exits.
 
         Chunks, not lines: splitting is the reader's job (`protocol.LineSplitter`), within bounds.
+        The follow outlives an engine restart, like `wait`: a stream that breaks, or ends while the
+        container still runs, is opened again once the engine answers, from the second of the last
+        chunk read (`since`; chunks come with their timestamps), and what was read already is
+        skipped by its timestamp. Nothing is read twice or lost, also across a log rotation.
         """
         send, receive = anyio.create_memory_object_stream[bytes](64)
-        container_id = sandbox.container_id
-
-        def follow() -> None:
-            try:
-                for chunk in self._client.api.logs(container_id, stdout=True, stderr=False, stream=True, follow=True):
-                    anyio.from_thread.run(send.send, chunk)
-            except (*_ENGINE_ERRORS, anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
-                pass  # the container is gone, or nobody listens any more
-            finally:
-                with contextlib.suppress(RuntimeError):
-                    anyio.from_thread.run_sync(send.close)
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(partial(anyio.to_thread.run_sync, follow, limiter=self._waits, abandon_on_cancel=True))
+            tg.start_soon(self._follow_logs, sandbox, send)
             with receive:
                 async for chunk in receive:
                     yield chunk
             tg.cancel_scope.cancel()
+
+    async def _follow_logs(self, sandbox: Sandbox, send: MemoryObjectSendStream[bytes]) -> None:
+        position, outages = LogPosition(), 0
+        with send:
+            while True:
+                try:
+                    read = partial(self._read_logs, sandbox.container_id, position, send)
+                    if await anyio.to_thread.run_sync(read, limiter=self._waits, abandon_on_cancel=True):
+                        return  # nobody listens any more
+                    if not await self._running(sandbox):
+                        return  # it exited: its stdout was read to the end
+                    await anyio.sleep(RECONNECT_FIRST_SECONDS)  # the engine ended the stream: it is going away
+                except _ENGINE_ERRORS as exc:
+                    if not _engine_away(exc) or sandbox.record is None or not await self._engine_back(sandbox,
+                                                                                                      outages):
+                        return
+                    outages += 1
+
+    def _read_logs(self, container_id: str, position: LogPosition, send: MemoryObjectSendStream[bytes]) -> bool:
+        """Follow the container's stdout from `position` into `send` (in a worker thread); True when
+        nobody listens any more. Engine errors are raised."""
+        try:
+            for frame in self._client.api.logs(container_id, stdout=True, stderr=False, stream=True, follow=True,
+                                               timestamps=True, since=position.since()):
+                chunk = position.after(frame)
+                if chunk is not None:
+                    anyio.from_thread.run(send.send, chunk)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, RuntimeError):
+            return True
+        return False
+
+    async def _running(self, sandbox: Sandbox) -> bool:
+        """Whether the container runs now (False: exited or gone); engine errors are raised."""
+        try:
+            info = await self._call(self._client.api.inspect_container, sandbox.container_id)
+        except docker.errors.NotFound:
+            return False
+        return bool((info.get("State") or {}).get("Running"))
+
+    async def _engine_back(self, sandbox: Sandbox, outages: int) -> bool:
+        """Ask the engine with backoff until it answers (True) or the session's deadline comes (False).
+
+        `outages`: how many times this call site found the engine away already (a longer first wait).
+        """
+        if sandbox.record is None:
+            return False
+        delay = min(RECONNECT_MAX_SECONDS, RECONNECT_FIRST_SECONDS * 2 ** outages)
+        while time.time() + delay < sandbox.record.deadline:
+            await anyio.sleep(delay)
+            if await self.ping():
+                return True
+            delay = min(RECONNECT_MAX_SECONDS, delay * 2)
+        return False
 
     async def stop(self, sandbox: Sandbox, timeout_seconds: float) -> None:
         """SIGTERM the container, SIGKILL after `timeout_seconds`; already gone is fine."""
@@ -533,6 +611,48 @@ class DockerBackend:
             if labels.get(LABEL_INSTANCE) == self.spec.instance and labels.get(LABEL_ROLE) == "workspace":
                 sizes[labels.get(LABEL_SANDBOX, "")] = int((volume.get("UsageData") or {}).get("Size", -1))
         return sizes
+
+
+@dataclass
+class LogPosition:
+    """How far the daemon read a sandbox's stdout: the engine's timestamp of the last chunk passed on.
+
+    Stamps are RFC 3339 with nanoseconds in a fixed width (`2026-12-01T21:38:00.123456789Z`), so
+    comparing the bytes compares the times.
+    """
+
+    last: bytes = b""
+    skipping: bool = False  # reopened: skip what is not newer than `last`
+
+    def since(self) -> int | None:
+        """The logs call's `since`: None from the start, else the second of the last chunk read."""
+        if not self.last:
+            return None
+        self.skipping = True
+        try:
+            return max(1, int(datetime.fromisoformat(self.last.decode()).timestamp()))
+        except ValueError:
+            return None  # from the start: the skip still holds
+
+    def after(self, frame: bytes) -> bytes | None:
+        """The chunk of a timestamped frame, or None when it was read before."""
+        stamp, sep, chunk = frame.partition(b" ")
+        if not sep:
+            return frame
+        if self.skipping:
+            if stamp <= self.last:
+                return None
+            self.skipping = False
+        self.last = stamp
+        return chunk
+
+
+def _engine_away(exc: BaseException) -> bool:
+    """The engine stopped answering (a restart, a dropped connection), as opposed to refusing a call
+    about one container (NotFound, a bad request)."""
+    if isinstance(exc, docker.errors.APIError):
+        return bool(exc.is_server_error())
+    return isinstance(exc, _ENGINE_ERRORS)
 
 
 def _close_socket(sock: socket.socket) -> None:
