@@ -180,6 +180,9 @@ with drain: each pod is its own instance (its hostname).
 {{- if and (eq .Values.docker.mode "hostSocket") (kindIs "invalid" .Values.docker.hostSocket.groupId) -}}
 {{- fail "docker.mode=hostSocket needs docker.hostSocket.groupId: the gid that owns the engine's socket on the nodes" -}}
 {{- end -}}
+{{- if and (eq .Values.docker.mode "dind") .Values.docker.dind.rootless (not .Values.config.allow_unenforced_limits) -}}
+{{- fail "docker.dind.rootless=true trades the per-sandbox memory, pids and CPU limits away (a rootless engine in a pod has no cgroup delegation and drops them), and the daemon refuses sessions without them. Set config.allow_unenforced_limits=true to run that way (docker.dind.resources then bound all sandboxes of a pod together), or docker.dind.rootless=false (a root engine that enforces them)" -}}
+{{- end -}}
 {{- if and (eq .Values.docker.mode "dind") (eq (int .Values.metrics.port) 2376) -}}
 {{- fail "metrics.port 2376 is the dind engine's TLS port in the same pod: choose another port" -}}
 {{- end -}}
