@@ -43,11 +43,16 @@ log = logging.getLogger("sandboxd.sandbox")
 
 
 def emit(event: Event, **fields: Any) -> None:
-    """One event line on stdout for the daemon (see sandboxd.protocol)."""
+    """One event line on stdout for the daemon (see sandboxd.protocol), never blocking the worker.
+
+    stdout is non-blocking (`main`): a tool flooding the same pipe through /proc/1/fd/1 must not
+    stall the worker's event loop, and so its heartbeats. A line that does not fit is dropped
+    (events are advisory); lines are shorter than PIPE_BUF, so a write is whole or nothing.
+    """
     try:
         os.write(1, event_line(event, time.time(), **fields))
     except OSError:
-        pass  # nobody follows stdout: events are advisory
+        pass  # a full pipe, or nobody follows stdout
 
 
 class _ItemWatch:
@@ -264,6 +269,7 @@ async def _stdin_lines(fd: int) -> AsyncIterator[bytes]:
 
 
 async def _amain(args: argparse.Namespace) -> ExitCode:
+    os.set_blocking(1, False)  # see emit
     if not make_non_dumpable():
         log.warning("could not make the worker non-dumpable; tools may read its memory")
     fd = sys.stdin.fileno()
@@ -290,15 +296,23 @@ async def _amain(args: argparse.Namespace) -> ExitCode:
     return code
 
 
+class _DroppingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A log line that does not fit into a full stderr pipe is dropped, not waited for."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sandboxd-sandbox", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/workspace")
     parser.add_argument("--max-idle", type=float, default=60.0)
     parser.add_argument("--max-file-bytes", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    os.set_blocking(2, False)  # like stdout (see emit): a tool filling the pipe must not stall the worker
+    handler = _DroppingHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per request drowns the session's story
     sys.exit(int(anyio.run(_amain, args)))
 

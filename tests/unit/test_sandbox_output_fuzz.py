@@ -403,6 +403,9 @@ def test_the_broker_answers_or_closes_and_forwards_only_the_grant(reqs: list[byt
 @given(st.sampled_from(ALLOWED), st.binary(max_size=500))
 def test_the_workers_own_calls_are_forwarded_with_the_real_credential(call: tuple[str, str], body: bytes) -> None:
     method, path = call
+    if method == "POST" and path.endswith("/events"):  # the worker posts its tool results, and nothing else
+        body = json.dumps({"events": [{"type": "user.tool_result", "tool_use_id": "toolu_1",
+                                       "content": [{"type": "text", "text": body.hex()}]}]}).encode()
     raw = (f"{method} {path} HTTP/1.1\r\nHost: sandboxd-broker\r\nAuthorization: Bearer {PLACEHOLDER}\r\n"
            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
     answer, refusals, seen, upstream = anyio.run(_throw, [raw])

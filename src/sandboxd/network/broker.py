@@ -130,6 +130,21 @@ def allowed_route(grant: Grant, method: str, path: str) -> Traffic | None:
     return None
 
 
+def worker_events(body: bytes) -> bool:
+    """Whether a POST of session events holds only what the worker sends: results of its own tool calls.
+
+    Never a user's message, interrupt or tool confirmation (a sandbox must not approve its own
+    `always_ask` call), nor a custom tool's result (the application answers those).
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    events = payload.get("events") if isinstance(payload, dict) else None
+    return isinstance(events, list) and bool(events) and all(
+        isinstance(e, dict) and e.get("type") == "user.tool_result" for e in events)
+
+
 def outcome_of(kind: Traffic, status: int) -> Traffic:
     """What a response to a call of `kind` tells the daemon."""
     if kind is Traffic.HEARTBEAT_OK:
@@ -251,6 +266,9 @@ class ApiBroker:
         # h11 bounds a head only while it is incomplete; one that arrived whole in a read is measured here.
         if len(request.target) + sum(len(k) + len(v) + 4 for k, v in request.headers) > MAX_HEAD_BYTES:
             raise _Refused(Refusal.BAD_REQUEST, 431, "the request head is too large")
+        names = [k for k, _ in request.headers]
+        if b"transfer-encoding" in names and b"content-length" in names:  # ambiguous framing: smuggling
+            raise _Refused(Refusal.BAD_REQUEST, 400, "both Content-Length and Transfer-Encoding")
         grant = door.grant
         if grant is None:
             raise _Refused(Refusal.NOT_ASSIGNED, 403, "this sandbox has no work item")
@@ -269,6 +287,8 @@ class ApiBroker:
                      request: h11.Request) -> None:
         grant, kind, target = self._check(door, request)
         body = await self._read_body(conn, stream)
+        if request.method == b"POST" and target.partition("?")[0].endswith("/events") and not worker_events(body):
+            raise _Refused(Refusal.ROUTE, 403, "a sandbox's worker posts tool results only")
         headers = [(k, v) for k, v in request.headers if k not in _HOP_BY_HOP]
         headers.append((b"authorization", f"Bearer {grant.credential}".encode()))
         upstream = self._client.build_request(request.method.decode(), self.base_url + target,
