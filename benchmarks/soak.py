@@ -6,13 +6,15 @@ sandboxes' `io.sandboxd.instance` label). Faults, all seeded: API 5xx on heartbe
 sends and more, slow responses past the callers' timeouts, dropped event streams, revoked
 leases, upstream cancels, sessions terminated with tool calls pending, sandboxes OOM-killed
 (a tool step allocating past SANDBOXD_MEMORY_LIMIT) and `docker kill`ed, the daemon SIGKILLed
-and restarted, and (optional, disruptive) the Docker engine restarted once.
+and restarted, and (optional, disruptive) the Docker engine restarted once, with its flags
+(scripts/setup-engine.sh: live-restore, so the sessions running then are expected to complete).
 
 It ends by itself (every work item stopped, or the duration limit), stops the daemon, and
 prints a table: items stopped exactly once / twice+ / never (lost), orphan containers and
 volumes, and sessions completed per fault class. Exit status 1 if anything was lost or left.
 
     python benchmarks/soak.py [--sessions 300] [--seed 1] [--engine-restart/--no-engine-restart]
+                              [--workspace-quota auto|filesystem|poll] [--private-engine]
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ class SoakConfig:
     workdir: Path
     json_out: Path | None
     daemon_src: Path
+    workspace_quota: str | None = None  # the daemon's default when None
+    private_engine: bool = False
 
 
 class DaemonProcess:
@@ -172,6 +176,8 @@ class DaemonProcess:
             "SANDBOXD_ALLOW_INSECURE_HTTP": "true",
             "PYTHONPATH": str(self.config.daemon_src),
         }
+        if self.config.workspace_quota:
+            env["SANDBOXD_WORKSPACE_QUOTA"] = self.config.workspace_quota
         passed = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
         env.update({k: v for k, v in os.environ.items() if k in passed})
         return env
@@ -257,6 +263,9 @@ class Engine:
                 continue
         return None
 
+    def live_restore(self) -> bool:
+        return bool((self.call(self.client.info) or {}).get("LiveRestoreEnabled"))
+
     def restart(self) -> float:
         """SIGTERM dockerd, wait for it to exit, start it again as scripts/setup-engine.sh does."""
         began = time.monotonic()
@@ -271,6 +280,68 @@ class Engine:
                        stdout=subprocess.DEVNULL)
         self.client = docker.from_env(timeout=30)
         return time.monotonic() - began
+
+
+# scripts/setup-engine.sh's dockerd flags (live-restore among them).
+ENGINE_FLAGS = ("--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--live-restore")
+
+
+class PrivateEngine(Engine):
+    """A dockerd of the soak's own beside the machine's, with the flags of scripts/setup-engine.sh and
+    its own data root, exec root and socket: restarting it disturbs no one else's sandboxes, and no one
+    else's keep it from restarting. The sandbox image is copied into it from the machine's engine."""
+
+    def __init__(self, root: Path, image: str) -> None:
+        self.root = root
+        self.host = f"unix://{root}/docker.sock"
+        (root / "daemon.json").write_text("{}\n")
+        self.process: subprocess.Popen[bytes] | None = None
+        self._start()
+        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+        subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=save.stdout, check=True,
+                       stdout=subprocess.DEVNULL)
+        if save.wait() != 0:
+            raise RuntimeError(f"docker save {image} failed")
+        os.environ["DOCKER_HOST"] = self.host  # the daemon, the OOM watch and every client from here on
+        self.client = docker.DockerClient(base_url=self.host, timeout=30)
+
+    def _start(self) -> None:
+        with (self.root / "dockerd.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                ["dockerd", *ENGINE_FLAGS, "--data-root", str(self.root / "data"), "--exec-root",
+                 str(self.root / "exec"), "--pidfile", str(self.root / "docker.pid"), "--host", self.host,
+                 "--config-file", str(self.root / "daemon.json")],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        client = docker.DockerClient(base_url=self.host, timeout=5, version="1.41")  # asks nothing yet
+        deadline = time.monotonic() + 60
+        while self.call(client.ping) is None:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the private dockerd did not come up; see {self.root / 'dockerd.log'}")
+            time.sleep(0.2)
+        client.close()
+
+    def _stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(90)
+
+    def restart(self) -> float:
+        """SIGTERM the private dockerd, wait for it to exit, start it again with the same flags."""
+        began = time.monotonic()
+        self._stop()
+        self._start()
+        self.client = docker.DockerClient(base_url=self.host, timeout=30)
+        return time.monotonic() - began
+
+    def close(self) -> None:
+        """Stop it and remove its files (its containers are gone by now): first what it left mounted
+        below its root (the data root, the default network namespace), deepest first."""
+        self._stop()
+        prefix = f"{self.root}/"
+        mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+        for mount in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", mount], check=False, stderr=subprocess.DEVNULL)
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @dataclass
@@ -424,6 +495,8 @@ class Soak:
         return {
             "sessions": len(self.kinds),
             "seed": self.config.seed,
+            "engine_live_restore": self.engine.live_restore(),
+            "workspace_quota": self.config.workspace_quota or "default",
             "duration_seconds": round(time.monotonic() - self.started, 1),
             "timed_out": timed_out,
             "daemon_exit": daemon_exit,
@@ -456,6 +529,7 @@ def render(result: dict[str, Any]) -> str:
     lines = [
         f"soak: {result['sessions']} sessions, seed {result['seed']}, {result['duration_seconds']}s"
         f"{' (DURATION LIMIT REACHED)' if result['timed_out'] else ''}; daemon exit {result['daemon_exit']}",
+        f"  engine live-restore: {result['engine_live_restore']}; workspace_quota: {result['workspace_quota']}",
         f"  {'work items':<30}{result['items']:>6}",
         f"  {'stopped exactly once':<30}{result['stopped_once']:>6}",
         f"  {'stopped twice+':<30}{len(result['stopped_more']):>6}",
@@ -468,7 +542,9 @@ def render(result: dict[str, Any]) -> str:
         f"  {'fault class':<18}{'sessions':>9}{'completed':>11}{'rate':>7}  expected to complete",
     ]
     for kind, row in result["classes"].items():
-        expected = {True: "yes", False: "no"}.get(CLASSES.get(kind, (0, None))[1], "with adoption")
+        expected = ("yes" if CLASSES[kind][1] else "no") if kind in CLASSES else "with adoption"
+        if kind == "engine_restart":
+            expected = "yes (live-restore)" if result["engine_live_restore"] else "no (no live-restore)"
         rate = f"{row['completed'] / row['sessions']:.0%}" if row["sessions"] else "-"
         lines.append(f"  {kind:<18}{row['sessions']:>9}{row['completed']:>11}{rate:>7}  {expected}")
     lines.append("")
@@ -496,6 +572,11 @@ def _parse(argv: list[str] | None) -> SoakConfig:
     parser.add_argument("--max-idle-seconds", type=float, default=2.0)
     parser.add_argument("--workdir", type=Path, help="logs and state (default: a new temp dir, kept)")
     parser.add_argument("--json-out", type=Path, help="also write the result as JSON here")
+    parser.add_argument("--private-engine", action="store_true",
+                        help="run the sandboxes on a dockerd of the soak's own (the flags of scripts/setup-engine.sh), "
+                             "so the engine restart neither disturbs others nor waits for them")
+    parser.add_argument("--workspace-quota", choices=["auto", "filesystem", "poll"],
+                        help="SANDBOXD_WORKSPACE_QUOTA of the daemon (default: the daemon's default)")
     parser.add_argument("--daemon-src", type=Path, default=ROOT / "src",
                         help="the directory holding the daemon's `sandboxd` package; copied at start, so every "
                              "restart during the run runs the same code")
@@ -507,7 +588,7 @@ def _parse(argv: list[str] | None) -> SoakConfig:
     shutil.copytree(args.daemon_src / "sandboxd", daemon_src / "sandboxd", ignore=shutil.ignore_patterns("__pycache__"))
     return SoakConfig(args.sessions, args.seed, args.engine_restart, args.max_sessions, args.duration_limit_seconds,
                       args.daemon_kills, args.memory_limit, args.lease_ttl_seconds, args.max_idle_seconds,
-                      workdir, args.json_out, daemon_src)
+                      workdir, args.json_out, daemon_src, args.workspace_quota, args.private_engine)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -517,21 +598,25 @@ def main(argv: list[str] | None = None) -> int:
     scenario = Scenario(lease_ttl_seconds=config.lease_ttl_seconds, reclaim_older_than_ms=3000,
                         faults=api_faults(config.seed), sessions=[s for _, s in planned])
     print(f"soak worker_id={worker_id} workdir={config.workdir}", flush=True)
-    engine = Engine()
-    with ControlPlane(scenario) as plane:
-        daemon = DaemonProcess(plane, config, worker_id)
-        soak = Soak(config, plane, engine, daemon, worker_id, {s.session_id: k for k, s in planned})
-        try:
-            result = soak.run()
-        finally:
-            daemon.kill()
-    print(render(result), flush=True)
-    if config.json_out:
-        config.json_out.write_text(json.dumps(result, indent=2))
-    for container in result["orphan_containers"]:  # reported above; do not leave them behind
-        engine.call(engine.client.api.remove_container, container, force=True, v=True)
-    for volume in result["orphan_volumes"]:
-        engine.call(engine.client.api.remove_volume, volume, force=True)
+    engine = PrivateEngine(Path(tempfile.mkdtemp(prefix="sbxe-")), IMAGE) if config.private_engine else Engine()
+    try:
+        with ControlPlane(scenario) as plane:
+            daemon = DaemonProcess(plane, config, worker_id)
+            soak = Soak(config, plane, engine, daemon, worker_id, {s.session_id: k for k, s in planned})
+            try:
+                result = soak.run()
+            finally:
+                daemon.kill()
+        print(render(result), flush=True)
+        if config.json_out:
+            config.json_out.write_text(json.dumps(result, indent=2))
+        for container in result["orphan_containers"]:  # reported above; do not leave them behind
+            engine.call(engine.client.api.remove_container, container, force=True, v=True)
+        for volume in result["orphan_volumes"]:
+            engine.call(engine.client.api.remove_volume, volume, force=True)
+    finally:
+        if isinstance(engine, PrivateEngine):
+            engine.close()
     return 1 if result["lost"] or result["orphan_containers"] or result["orphan_volumes"] else 0
 
 
