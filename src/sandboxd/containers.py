@@ -187,16 +187,19 @@ class DockerBackend:
         return sandbox
 
     async def _create_volume(self, sandbox: Sandbox) -> None:
-        """The workspace volume: bound to a filesystem of its own when the host allows it (see disks)."""
-        options: dict[str, Any] = {}
+        """The workspace: a filesystem of its own when the host allows it (see disks), else a volume.
+
+        The filesystem is bind-mounted, not wrapped in a volume with driver options: Docker 20.10
+        cannot remove such a volume after a live-restore restart (moby#44422).
+        """
         if self.disks is not None:
             try:
-                mountpoint = await self._call(self.disks.make, sandbox.name)
+                await self._call(self.disks.make, sandbox.name)
             except DiskError as exc:
                 raise LaunchError("workspace_disk", str(exc)) from exc
-            options = {"driver": "local", "driver_opts": {"type": "none", "o": "bind", "device": str(mountpoint)}}
+            return
         await self._call(self._client.volumes.create, name=sandbox.volume,
-                         labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}), **options)
+                         labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}))
 
     async def _resolve_image(self, sandbox: Sandbox) -> None:
         sandbox.image_id = await self.image_id()
@@ -238,7 +241,8 @@ class DockerBackend:
         spec, api = self.spec, self._client.api
         if self.limits.refused:  # the claim gate holds new work; this stops the pool and a late cold start
             raise LaunchError("limits_not_enforced", self.limits.refusal())
-        mounts = [Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
+        mounts = [Mount(target=WORKSPACE, source=str(self.disks.mountpoint(sandbox.name)), type="bind")
+                  if self.disks is not None else Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
         mounts += [Mount(target=target, source=source, type="bind", read_only=True)
                    for source, target in spec.bind_mounts.items()]
         if spec.channel_dir is not None:
@@ -519,7 +523,7 @@ class DockerBackend:
         except _ENGINE_ERRORS:
             return False
         done += [await self._quietly(self._client.api.remove_volume, volume, force=True) for volume in volumes]
-        if self.disks is not None and all(done):
+        if self.disks is not None and all(done):  # the container is gone: nothing holds the filesystem
             await self._call(self.disks.destroy, sandbox.name)
         return all(done)
 

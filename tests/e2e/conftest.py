@@ -159,7 +159,8 @@ class ContainerCounter:
     def _sample(self) -> None:
         filters = {"label": ["io.sandboxd.managed=true", f"io.sandboxd.instance={self._instance}"]}
         while not self._stop.is_set():
-            found = self._docker.api.containers(all=True, filters=filters)
+            found = [c for c in self._docker.api.containers(all=True, filters=filters)  # sandboxes, not the
+                     if (c.get("Labels") or {}).get("io.sandboxd.role") != "limits-probe"]  # start-up limits probe
             self.peak = max(self.peak, len(found))
             self.seen.update(c["Id"] for c in found)
             time.sleep(self._interval)
