@@ -21,6 +21,7 @@ import anyio
 import anyio.abc
 
 from .containers import DockerBackend
+from .errors import LaunchError
 from .logs import printable
 from .metrics import Metrics
 from .network.broker import Door, Grant, Traffic
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 REMOVAL_RETRY_SECONDS = 5.0
 EVENTS_PER_SECOND = 50
+ENGINE_BACK_SECONDS = 30.0  # how long a claimed item waits for an engine that went away to answer again
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,24 @@ class Lifecycle:
             if member is not None:
                 member.from_pool = True
                 return member
-        return await self.create()
+        try:
+            return await self.create()
+        except LaunchError as exc:
+            # Claimed just as the engine went away (a restart, an upgrade): once it answers again, one more try.
+            if exc.reason != "engine_unavailable" or not await self._engine_back(ENGINE_BACK_SECONDS):
+                raise
+            log.warning("sandbox_create_retried reason=%s (the engine is back)", exc.reason)
+            return await self.create()
+
+    async def _engine_back(self, within_seconds: float) -> bool:
+        deadline = anyio.current_time() + within_seconds
+        for _ in range(int(within_seconds * 2) + 1):  # a ping gives up on its own after a few seconds
+            if await self.backend.ping():
+                return True
+            if anyio.current_time() >= deadline:
+                break
+            await anyio.sleep(0.5)
+        return False
 
     def refill_pool(self) -> None:
         """A pool member was taken and its session is under way: make a new one."""

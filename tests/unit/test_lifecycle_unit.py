@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 
+from sandboxd.errors import LaunchError
 from sandboxd.lifecycle import Activity, Lifecycle, LifecycleLimits, Tracked
 from sandboxd.metrics import Metrics
 from sandboxd.protocol import Event, SandboxEvent, parse_event
@@ -226,3 +227,29 @@ async def test_a_removal_the_engine_could_not_take_is_retried_until_it_can(monke
         assert backend.label(tracked.sandbox) not in backend.removed, "still down: nothing removed yet"
         backend.engine_down = False
         await eventually(lambda: backend.label(tracked.sandbox) in backend.removed)
+
+
+async def test_a_sandbox_claimed_as_the_engine_went_away_is_created_once_it_is_back() -> None:
+    backend, metrics = FakeBackend(), Metrics()
+    backend.launch_error = LaunchError("engine_unavailable", "the engine went away")
+    answers = iter([False, False, True])
+
+    async def ping() -> bool:
+        if next(answers, True):
+            backend.launch_error = None  # back, and taking creations again
+            return True
+        return False
+
+    backend.ping = ping  # type: ignore[method-assign]
+    async with _running(backend, metrics) as lifecycle:
+        tracked = await lifecycle.acquire()
+    assert tracked.sandbox.container_id and backend.create_calls == 2
+
+
+async def test_other_launch_errors_are_not_retried() -> None:
+    backend, metrics = FakeBackend(), Metrics()
+    backend.launch_error = LaunchError("image_missing", "no such image")
+    async with _running(backend, metrics) as lifecycle:
+        with pytest.raises(LaunchError):
+            await lifecycle.acquire()
+    assert backend.create_calls == 1
