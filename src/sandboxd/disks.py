@@ -1,6 +1,6 @@
 """Workspaces bounded by a filesystem, not by a poll: one small ext4 image per sandbox, loop-mounted.
 
-A sandbox's /workspace is a docker volume bound to the root of its own ext4 filesystem, made with
+A sandbox's /workspace is a bind mount of the root of its own ext4 filesystem, made with
 `workspace_max_bytes` of space and `workspace_max_inodes` inodes. The kernel refuses a write past
 either bound with ENOSPC, whether the file is linked or not (an unlinked file still holds its
 blocks), and an inode flood ends at the inode count. The image is sparse: it takes on the host

@@ -359,7 +359,7 @@ def test_the_default_network_mode_none_serves_sessions_through_the_broker(starte
         state = started.wait_for_sessions(ids)
         assert_all_passed(state, ids)
         journal = assert_succeeded_in_journal(host, "sandboxd", state, ids)
-        assert f"broker_listening socket={SHARED}/run/api.sock" in journal
+        assert f"channels_ready socket_dir={SHARED}/run " in journal, "the per-sandbox sockets live in socket_dir"
     finally:
         host.sh(f"rm -f {dropin}")
         configure(host, CONFIG, cp, started.worker_id, started.metrics_port)
