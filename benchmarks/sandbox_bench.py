@@ -41,6 +41,7 @@ from typing import Any
 
 import anyio
 import docker
+import docker.errors
 from anthropic import AsyncAnthropic
 from anthropic.lib.environments import EnvironmentWorker
 from naive_worker import naive_item  # benchmarks/ is on sys.path when this file is run
@@ -301,12 +302,13 @@ class SandboxdRun(Contender):
     """(c)-(e) `sandboxd run`: each session on an idle daemon whose pool members are ready."""
 
     def __init__(self, key: str, name: str, engine: docker.DockerClient, scratch: Path, *, pool: int,
-                 runtime: str | None = None, network: str | None = None) -> None:
+                 runtime: str | None = None, network: str | None = None, image: str | None = None) -> None:
         super().__init__(Series(name, note=f"warm_pool_size={pool}, runtime={runtime or 'runc'}"
                                 + (f", network_mode={network} (diagnostic: the daemon without the no-network wall)"
-                                   if network else "")))
+                                   if network else "")
+                                + (f", image={image} (the worker runtime mounted from {IMAGE})" if image else "")))
         self.key, self.engine, self.scratch, self.pool, self.runtime = key, engine, scratch, pool, runtime
-        self.network = network
+        self.network, self.image = network, image
         self.items: list[tuple[str, float, float]] = []
         self.daemon: Daemon | None = None
         self.events: EngineEvents | None = None
@@ -315,6 +317,7 @@ class SandboxdRun(Contender):
         super().open()
         env = {"SANDBOXD_WARM_POOL_SIZE": str(self.pool)} | ({"SANDBOXD_RUNTIME": self.runtime} if self.runtime else {})
         env |= {"SANDBOXD_NETWORK_MODE": self.network} if self.network else {}
+        env |= {"SANDBOXD_IMAGE": self.image, "SANDBOXD_RUNTIME_IMAGE": IMAGE} if self.image else {}
         self.daemon = Daemon(self.cp, self.scratch, "run", **env)
         self.events = EngineEvents(self.engine, self.daemon.instance)
         self.settle()
@@ -707,6 +710,10 @@ def main() -> None:
             SandboxdRun("cold", "sandboxd cold (runc)", engine, scratch, pool=0),
             SandboxdRun("warm", f"sandboxd warm (pool {args.warm_pool})", engine, scratch, pool=args.warm_pool),
         ]
+        foreign = foreign_image(engine)
+        if foreign:
+            contenders.append(SandboxdRun("coldforeign", "sandboxd cold, foreign image (runc)", engine, scratch,
+                                          pool=0, image=foreign))
         if "diagnostics" not in args.skip:
             contenders += [SandboxdRun("coldhost", "sandboxd cold, host network", engine, scratch, pool=0,
                                        network="host"),
@@ -737,6 +744,19 @@ def main() -> None:
         finally:
             leftovers(engine, bench_id)
     print_summary(rows, burst, idle_rows, args)
+
+
+def foreign_image(engine: docker.DockerClient) -> str | None:
+    """A bookworm minbase without Python (images/build-base.sh's, or Debian's slim image): the image a
+    team brings, where the worker runtime is mounted from ours."""
+    for candidate in ("sandboxd-base:bookworm", "debian:bookworm-slim"):
+        try:
+            engine.images.get(candidate)
+            return candidate
+        except docker.errors.ImageNotFound:
+            continue
+    print("  no bookworm minbase image: the foreign-image row is left out", file=sys.stderr)
+    return None
 
 
 def leftovers(engine: docker.DockerClient, bench_id: str) -> None:

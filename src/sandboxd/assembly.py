@@ -20,6 +20,7 @@ from .disks import LoopDisks
 from .errors import ConfigError, EngineError
 from .exporter import collecting
 from .health import HealthState, serving
+from .images import ImagePolicy
 from .lifecycle import Lifecycle, LifecycleLimits
 from .metrics import Metrics
 from .network.channels import Channels
@@ -69,7 +70,13 @@ def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> Sandbo
         extra_env=ways_out.sandbox_env() if ways_out else {},
         channel_dir=str(ways_out.socket_dir) if ways_out else None,
         allow_unenforced_limits=settings.allow_unenforced_limits,
+        runtime_image=settings.runtime_image,
+        pull_policy_of=image_policy(settings).pull_policy,
     )
+
+
+def image_policy(settings: Settings) -> ImagePolicy:
+    return ImagePolicy.of(settings.image, settings.allowed_images, settings.image_pull_policies, settings.pull_policy)
 
 
 def workspace_disks(settings: Settings) -> LoopDisks | None:
@@ -150,7 +157,8 @@ async def run_daemon(
                         max_age_seconds=settings.warm_pool_max_age_seconds)
         lifecycle.pool = pool
     limits = SessionLimits(settings.max_session_seconds, settings.allow_environment_key_in_sandbox)
-    supervisor = SessionSupervisor(queue, lifecycle, workspaces, metrics, limits, environment_key, retention)
+    supervisor = SessionSupervisor(queue, lifecycle, workspaces, metrics, limits, environment_key, retention,
+                                   image_policy(settings))
     health = HealthState(poll_window_seconds=settings.ready_poll_window_seconds)
     notifier = Notifier.from_environ(os.environ)
     daemon = Daemon(

@@ -70,6 +70,15 @@ PING_TIMEOUT_SECONDS = 10.0
 RECONNECT_FIRST_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 5.0
 PROBE_TIMEOUT_SECONDS = 60.0
+# The worker runtime (images/sandbox/make-runtime.sh): the entrypoint with its own interpreter, standard
+# library, packages, shared libraries and dynamic loader, so that it needs nothing of the image but
+# /bin/bash for the bash tool. Run through its own loader, it does not depend on the image's libc (or on
+# the image having one); children (bash, rg, git) are the image's own, with the image's libraries.
+IMAGE_PROBLEM_SECONDS = 600.0
+RUNTIME_DIR = "/opt/sandboxd-runtime"
+RUNTIME_ENTRYPOINT = [f"{RUNTIME_DIR}/ld.so", "--library-path", f"{RUNTIME_DIR}/lib", f"{RUNTIME_DIR}/bin/python3",
+                      "-I", "-S", f"{RUNTIME_DIR}/run.py"]
+LABEL_RUNTIME = "io.sandboxd.runtime"  # on the runtime volume (shared by daemons, never a leftover)
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,18 @@ class SandboxSpec:
     channel_dir: str | None = None
     # Sandboxes may run while the engine does not enforce memory_limit, pids_limit or cpus (see limits).
     allow_unenforced_limits: bool = False
+    # Where the worker runtime comes from (ours); other images get it mounted read-only at RUNTIME_DIR.
+    runtime_image: str = "sandboxd-sandbox:latest"
+    # Pull policy per image (None: pull_policy for every image).
+    pull_policy_of: Callable[[str], str] | None = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The worker runtime: the image it comes from, and the volume other images get it from (made on first use)."""
+
+    image_id: str
+    volume: str
 
 
 class DockerBackend:
@@ -111,6 +132,12 @@ class DockerBackend:
         self.limits = SandboxLimits(Wanted.of(spec.memory_limit, spec.pids_limit, spec.cpus),
                                     spec.allow_unenforced_limits)
         self._omit_nano_cpus = False  # the engine refuses NanoCpus and that is allowed: create without
+        self._runtime: Runtime | None = None
+        self._runtime_volume_ready = False
+        self._runtime_lock = anyio.Lock()
+        # Images that could not be resolved lately (reference -> (reason, monotonic time)): the log and
+        # /readyz name them; a session image's entry is forgotten after IMAGE_PROBLEM_SECONDS.
+        self.image_problems: dict[str, tuple[str, float]] = {}
         self.limits.check = self._probe_limits
 
     @classmethod
@@ -136,45 +163,135 @@ class DockerBackend:
     def _labels(self, sandbox: str, **extra: str) -> dict[str, str]:
         return {LABEL_MANAGED: "true", LABEL_INSTANCE: self.spec.instance, LABEL_SANDBOX: sandbox, **extra}
 
-    async def image_id(self) -> str:
-        """What the `image` setting resolves to now (pulled per the pull policy); LaunchError if absent."""
-        policy, image = self.spec.pull_policy, self.spec.image
+    async def image_id(self, image: str | None = None) -> str:
+        """What an image (default: the `image` setting) resolves to now, pulled per its pull policy;
+        LaunchError image_missing if it is absent or cannot be pulled (remembered in image_problems)."""
+        image = image or self.spec.image
+        policy = self.spec.pull_policy_of(image) if self.spec.pull_policy_of else self.spec.pull_policy
+        try:
+            found = await self._resolve(image, policy)
+        except LaunchError as exc:
+            if exc.reason == "image_missing":
+                if image not in self.image_problems:
+                    log.warning("image_unavailable image=%r error=%s", image, exc)
+                self.image_problems[image] = (str(exc), time.monotonic())
+            raise
+        self.image_problems.pop(image, None)
+        return found
+
+    def image_readiness(self) -> tuple[bool, str]:
+        """(/readyz may answer 200, what it says about images): the default or the runtime image missing
+        means no session can start; another image missing fails only the sessions that name it."""
+        now = time.monotonic()
+        for essential in (self.spec.image, self.spec.runtime_image):
+            if essential in self.image_problems:
+                return False, self.image_problems[essential][0]
+        problems = [name for name, (_, at) in self.image_problems.items() if now - at < IMAGE_PROBLEM_SECONDS]
+        if problems:
+            return True, "; ".join(f"image {name!r} unavailable" for name in sorted(problems)[:3])
+        return True, ""
+
+    async def _resolve(self, image: str, policy: str) -> str:
         if policy != "always":
             try:
                 return str((await self._call(self._client.images.get, image)).id)
             except docker.errors.ImageNotFound:
                 if policy == "never":
                     raise LaunchError(
-                        "image_missing", f"sandbox image {image!r} is not present and pull_policy is never"
+                        "image_missing", f"sandbox image {image!r} is not present and its pull policy is never"
                     ) from None
             except _ENGINE_ERRORS as exc:
-                raise LaunchError(_launch_reason(exc), f"could not inspect the sandbox image: {exc}") from exc
+                raise LaunchError(_launch_reason(exc), f"could not inspect the sandbox image {image!r}: {exc}") from exc
         try:
             return str((await self._call(self._client.images.pull, image)).id)
         except docker.errors.DockerException as exc:
             raise LaunchError("image_missing", f"sandbox image {image!r} could not be pulled: {exc}") from exc
+
+    async def runtime(self, *, volume: bool = False) -> Runtime:
+        """The worker runtime, resolved once per daemon (and its volume made and checked, when asked for).
+
+        The volume `sandboxd-runtime-<image id>` is filled by the engine itself: a container of the
+        runtime image is created with the empty volume at RUNTIME_DIR, which copies the image's
+        directory in; its loader and entry script are then checked through that container. Daemons on
+        one engine share it; a version's volume never changes.
+        """
+        async with self._runtime_lock:
+            if self._runtime is None:
+                try:
+                    image_id = await self.image_id(self.spec.runtime_image)
+                except LaunchError as exc:
+                    raise LaunchError("runtime_unavailable", f"the worker runtime image: {exc}") from exc
+                self._runtime = Runtime(image_id, f"sandboxd-runtime-{image_id.rpartition(':')[2][:16]}")
+            if volume and not self._runtime_volume_ready:
+                try:
+                    await self._call(self._fill_runtime_volume, self._runtime)
+                except (*_ENGINE_ERRORS, RuntimeError) as exc:
+                    raise LaunchError("runtime_unavailable", f"the worker runtime volume: {exc}") from exc
+                self._runtime_volume_ready = True
+            return self._runtime
+
+    def _fill_runtime_volume(self, runtime: Runtime) -> None:
+        api = self._client.api
+        for attempt in (1, 2):
+            try:
+                self._client.volumes.get(runtime.volume)
+            except docker.errors.NotFound:
+                self._client.volumes.create(name=runtime.volume, labels={LABEL_RUNTIME: runtime.image_id})
+                log.info("runtime_volume_created volume=%s image=%s", runtime.volume, self.spec.runtime_image)
+            seed = api.create_container(runtime.image_id, command=["true"], network_disabled=True,
+                                        host_config=api.create_host_config(network_mode="none", mounts=[
+                                            Mount(target=RUNTIME_DIR, source=runtime.volume, type="volume")]),
+                                        labels={LABEL_RUNTIME: runtime.image_id})
+            try:
+                missing = [path for path in ("ld.so", "run.py", ".complete") if not self._exists(seed["Id"], path)]
+            finally:
+                api.remove_container(seed["Id"], force=True)
+            if not missing:
+                return
+            log.warning("runtime_volume_incomplete volume=%s missing=%s attempt=%d", runtime.volume, missing, attempt)
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                self._client.volumes.get(runtime.volume).remove(force=True)
+        raise RuntimeError(f"{self.spec.runtime_image!r} holds no worker runtime at {RUNTIME_DIR} "
+                           "(an image of this sandboxd version, images/sandbox/Dockerfile, has it)")
+
+    def _exists(self, container_id: str, path: str) -> bool:
+        try:
+            stream, _ = self._client.api.get_archive(container_id, f"{RUNTIME_DIR}/{path}")
+        except docker.errors.NotFound:
+            return False
+        for _ in stream:  # small files: read to the end, so the engine is done with the container
+            pass
+        return True
 
     @staticmethod
     def new_sandbox() -> Sandbox:
         """A name for a sandbox about to be created (its channels are opened under that name first)."""
         return Sandbox(container_id="", name=f"sandboxd-{uuid.uuid4().hex[:16]}", created_at=time.time())
 
-    async def create(self, sandbox: Sandbox | None = None, *, image_id: str | None = None) -> Sandbox:
+    async def create(self, sandbox: Sandbox | None = None, *, image_id: str | None = None,
+                     image: str | None = None) -> Sandbox:
         """Create the workspace volume and the hardened container, start it and open its stdin.
 
-        What the image resolves to is looked up while the volume is created (neither needs the
-        other). The sandbox holds no work and no secret until `assign`. Raises LaunchError with a
-        bounded reason; whatever was created is removed first (also on cancellation).
+        What the image (default: the `image` setting) resolves to is looked up while the volume is
+        created (neither needs the other). The sandbox holds no work and no secret until `assign`.
+        Raises LaunchError with a bounded reason; whatever was created is removed first (also on
+        cancellation).
         """
         sandbox = sandbox or self.new_sandbox()
         try:
             async with anyio.create_task_group() as tg:
                 if image_id is None:
-                    tg.start_soon(self._resolve_image, sandbox)
+                    tg.start_soon(self._resolve_image, sandbox, image)
                 else:
                     sandbox.image_id = image_id
                 await self._create_volume(sandbox)
-            sandbox.container_id = await self._call(self._create, sandbox)
+            runtime = await self.runtime()
+            foreign = sandbox.image_id != runtime.image_id
+            if foreign:
+                await self.runtime(volume=True)
+                if self.disks is None:  # /workspace owned by the sandbox user, whatever the image has there
+                    await self._call(self._seed_workspace, sandbox, runtime)
+            sandbox.container_id = await self._call(self._create, sandbox, foreign)
             await self._call(self._client.api.start, sandbox.container_id)
             sandbox.stdin = await self._call(self._attach_stdin, sandbox.container_id)
         except BaseException as exc:
@@ -201,8 +318,18 @@ class DockerBackend:
         await self._call(self._client.volumes.create, name=sandbox.volume,
                          labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace"}))
 
-    async def _resolve_image(self, sandbox: Sandbox) -> None:
-        sandbox.image_id = await self.image_id()
+    async def _resolve_image(self, sandbox: Sandbox, image: str | None) -> None:
+        sandbox.image_id = await self.image_id(image)
+
+    def _seed_workspace(self, sandbox: Sandbox, runtime: Runtime) -> None:
+        """Give the new workspace volume the runtime image's /workspace (empty, the sandbox user's, 0750):
+        the engine copies it in when a container of that image is created with the empty volume there."""
+        api = self._client.api
+        seed = api.create_container(runtime.image_id, command=["true"], network_disabled=True,
+                                    labels=self._labels(sandbox.name, **{LABEL_ROLE: "workspace-seed"}),
+                                    host_config=api.create_host_config(network_mode="none", mounts=[
+                                        Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]))
+        api.remove_container(seed["Id"], force=True)
 
     def _launch_error(self, exc: BaseException) -> LaunchError | None:
         """The bounded error a failed creation reports; None: not the engine's doing (re-raised)."""
@@ -237,12 +364,18 @@ class DockerBackend:
         )
         return host_config
 
-    def _create(self, sandbox: Sandbox) -> str:
+    def _create(self, sandbox: Sandbox, foreign: bool = False) -> str:
+        """Create the container; `foreign`: its image is not the runtime's, which is mounted in read-only."""
         spec, api = self.spec, self._client.api
         if self.limits.refused:  # the claim gate holds new work; this stops the pool and a late cold start
             raise LaunchError("limits_not_enforced", self.limits.refusal())
         mounts = [Mount(target=WORKSPACE, source=str(self.disks.mountpoint(sandbox.name)), type="bind")
-                  if self.disks is not None else Mount(target=WORKSPACE, source=sandbox.volume, type="volume")]
+                  if self.disks is not None else
+                  Mount(target=WORKSPACE, source=sandbox.volume, type="volume", no_copy=foreign)]
+        if foreign:
+            assert self._runtime is not None
+            mounts.append(Mount(target=RUNTIME_DIR, source=self._runtime.volume, type="volume", read_only=True,
+                                no_copy=True))
         mounts += [Mount(target=target, source=source, type="bind", read_only=True)
                    for source, target in spec.bind_mounts.items()]
         if spec.channel_dir is not None:
@@ -252,15 +385,22 @@ class DockerBackend:
                                                LABEL_CREATED: f"{sandbox.created_at:.3f}"})
         config = api.create_container_config(
             sandbox.image_id or spec.image,
+            # The image's own ENTRYPOINT and CMD never run: the runtime is the entrypoint in every image.
+            entrypoint=RUNTIME_ENTRYPOINT,
             command=["--workdir", WORKSPACE, "--max-idle", str(spec.max_idle_seconds),
                      *(["--max-file-bytes", str(spec.max_file_bytes)] if spec.max_file_bytes else [])],
             labels=labels,
             user=spec.user,
             working_dir=WORKSPACE,
-            # Only what the entrypoint needs; nothing of the daemon's environment is passed through.
-            environment={"ANTHROPIC_BASE_URL": spec.base_url, **spec.extra_env},
+            # Only what the entrypoint needs; nothing of the daemon's environment is passed through. The
+            # image's own ENV stays (its PATH finds its tools); HOME is the writable /tmp in every image.
+            environment={"ANTHROPIC_BASE_URL": spec.base_url, "HOME": "/tmp", **spec.extra_env},
             stdin_open=True,
             tty=False,
+            # An image's own HEALTHCHECK and STOPSIGNAL are its business, not a sandbox's: the runtime
+            # stops on SIGTERM (forwarded by the engine's init), and nothing else runs in it.
+            healthcheck={"test": ["NONE"]},
+            stop_signal="SIGTERM",
             host_config=self._host_config(mounts),
         )
         # The daemon closing its attach stream is the sandbox's end of stdin (docker-py has no flag).
@@ -305,7 +445,8 @@ class DockerBackend:
         engine itself said stands, and each sandbox's creation is still checked.
         """
         try:
-            image = await self.image_id()
+            # The runtime image, not the sandbox image: the probe needs /bin/sh, which an image may lack.
+            image = (await self.runtime()).image_id
             found, output = await self._call(self._run_probe, image)
         except (LaunchError, *_ENGINE_ERRORS) as exc:
             log.warning("limits_probe_failed error=%s; each sandbox's limits are still checked at its creation", exc)

@@ -162,6 +162,7 @@ class Daemon:
             limits.gauge = metrics.limits_unenforced
             health.sandbox_limits = limits.readiness
         health.seconds_since_poll = queue.health.seconds_since_success
+        health.images = self._backend.image_readiness
 
     async def run(self, *, drain: bool) -> Summary:
         """Run until shut down (or, with `drain`, until the queue is empty and sessions are done)."""

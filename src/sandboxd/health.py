@@ -63,6 +63,8 @@ class HealthState(Liveness):
     all_slots_stalled: Callable[[], bool] = lambda: False
     # (limits hold or may be waived, detail naming the unenforced ones): sandboxd.limits.SandboxLimits.readiness
     sandbox_limits: Callable[[], tuple[bool, str]] = lambda: (True, "")
+    # (no session can start without them, a note): sandboxd.containers.DockerBackend.image_readiness
+    images: Callable[[], tuple[bool, str]] = lambda: (True, "")
     engine_ok: bool = False
     polling: bool = False  # the poll loop is running (false before start-up and after shutdown began)
     started_at: float = field(default_factory=time.monotonic)
@@ -76,6 +78,10 @@ class HealthState(Liveness):
         limits_ok, limits = self.sandbox_limits()
         if not limits_ok:
             return False, limits
+        images_ok, images = self.images()
+        if not images_ok:
+            return False, images
+        limits = "; ".join(note for note in (limits, images) if note)
         if not self.polling:
             return False, "not polling"
         if self.all_slots_stalled():

@@ -170,12 +170,13 @@ class Lifecycle:
         self.pool: WarmPool | None = None
         self.doors: SandboxDoors | None = None  # each sandbox's broker and proxy sockets (network_mode none)
 
-    async def create(self, *, image_id: str | None = None) -> Tracked:
-        """A new sandbox, its sockets served before its container starts (it bind-mounts their directory)."""
+    async def create(self, *, image_id: str | None = None, image: str | None = None) -> Tracked:
+        """A new sandbox, its sockets served before its container starts (it bind-mounts their directory).
+        `image`: a session's own image (default: the `image` setting)."""
         tracked = Tracked(self.backend.new_sandbox())
         await self._open_door(tracked, None)
         try:
-            await self.backend.create(tracked.sandbox, image_id=image_id)
+            await self.backend.create(tracked.sandbox, image_id=image_id, image=image)
         except BaseException:
             self._close_door(tracked)
             raise
@@ -205,22 +206,23 @@ class Lifecycle:
         if self.doors is not None:
             self.doors.close(tracked.sandbox.name)
 
-    async def acquire(self) -> Tracked:
-        """A sandbox for a claimed item: a ready pool member if there is one, else a cold start."""
-        if self.pool is not None:
+    async def acquire(self, image: str | None = None) -> Tracked:
+        """A sandbox for a claimed item: a ready pool member if there is one, else a cold start.
+        A session's own `image` (not the default) always starts cold: the pool holds the default."""
+        if self.pool is not None and image is None:
             member = self.pool.take()
             self._metrics.pool_acquisitions.labels("hit" if member else "miss").inc()
             if member is not None:
                 member.from_pool = True
                 return member
         try:
-            return await self.create()
+            return await self.create(image=image)
         except LaunchError as exc:
             # Claimed just as the engine went away (a restart, an upgrade): once it answers again, one more try.
             if exc.reason != "engine_unavailable" or not await self._engine_back(ENGINE_BACK_SECONDS):
                 raise
             log.warning("sandbox_create_retried reason=%s (the engine is back)", exc.reason)
-            return await self.create()
+            return await self.create(image=image)
 
     async def _engine_back(self, within_seconds: float) -> bool:
         deadline = anyio.current_time() + within_seconds

@@ -15,8 +15,8 @@ from .limits import LIMITS
 from .outcome import Outcome
 
 # Launch failure reasons (LaunchError.reason) and workspace failure reasons (WorkspaceError.reason).
-LAUNCH_REASONS = ("image_missing", "engine_unavailable", "engine_error", "create_failed", "workspace_disk",
-                  "limits_not_enforced")
+LAUNCH_REASONS = ("image_missing", "image_not_allowed", "image_invalid", "runtime_unavailable",
+                  "engine_unavailable", "engine_error", "create_failed", "workspace_disk", "limits_not_enforced")
 WORKSPACE_REASONS = (
     "invalid_metadata",
     "path_escape",

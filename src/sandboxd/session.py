@@ -23,6 +23,7 @@ from anthropic import APIError
 from anthropic.types.beta.environments import BetaSelfHostedWork
 
 from .errors import EngineError, LaunchError, WorkItemError, WorkspaceError
+from .images import ImagePolicy, ImageRefused
 from .lifecycle import Lifecycle, Tracked, first_of
 from .logs import redacting
 from .metrics import Metrics
@@ -72,6 +73,7 @@ class SessionSupervisor:
         limits: SessionLimits,
         environment_key: str,
         retention: Retention | None = None,
+        images: ImagePolicy | None = None,
     ) -> None:
         self._queue = queue
         self._lifecycle = lifecycle
@@ -80,6 +82,7 @@ class SessionSupervisor:
         self._limits = limits
         self._environment_key = environment_key
         self._retention = retention
+        self._images = images or ImagePolicy.of(lifecycle.backend.spec.image)
         self.handing_off = False  # set by the daemon: cancellation then leaves sandboxes running
 
     async def serve(self, item: BetaSelfHostedWork, report: Callable[[SessionResult], None]) -> bool:
@@ -151,13 +154,20 @@ class SessionSupervisor:
             settlement.record(Outcome.FAILED, f"{type(exc).__name__}: {exc}")
             return None
         plans: list[WorkspacePlan | None] = []
+        images: list[str | None] = []
+        if self._images.per_session:
+            # The session may name its image: read that first (no container starts for a refused one).
+            await self._plan_into(item, settlement, plans, images)
+            if settlement.outcome is not None:
+                return None
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._plan_into, item, settlement, plans, name=f"plan for {item.id}")
+            if not plans:
+                tg.start_soon(self._plan_into, item, settlement, plans, images, name=f"plan for {item.id}")
             try:
-                tracked = await self._lifecycle.acquire()
+                tracked = await self._lifecycle.acquire(images[0] if images else None)
             except LaunchError as exc:
                 self._metrics.launch_errors.labels(exc.reason).inc()
-                settlement.record(Outcome.LAUNCH_FAILED, str(exc))
+                settlement.record(Outcome.LAUNCH_FAILED, f"{exc.reason}: {exc}")
                 return None
             if settlement.outcome is not None:  # the plan was refused first: the item never reaches it
                 await self._lifecycle.remove(tracked)
@@ -172,11 +182,17 @@ class SessionSupervisor:
         return tracked, plans[0] if plans else None
 
     async def _plan_into(self, item: BetaSelfHostedWork, settlement: Settlement,
-                         into: list[WorkspacePlan | None]) -> None:
-        """The session's workspace plan from its metadata; None (outcome recorded) for a bad one."""
+                         into: list[WorkspacePlan | None], image_into: list[str | None]) -> None:
+        """The session's workspace plan and image from its metadata; None (outcome recorded) for a bad one."""
         try:
-            into.append(self._workspaces.plan(await self._queue.session_metadata(item)))
+            metadata = await self._queue.session_metadata(item)
+            image_into.append(self._images.choose(metadata))
+            into.append(self._workspaces.plan(metadata))
             return
+        except ImageRefused as exc:
+            self._metrics.launch_errors.labels(exc.reason).inc()
+            log.error("image_refused work_id=%s reason=%s error=%s", item.id, exc.reason, exc)
+            settlement.record(Outcome.LAUNCH_FAILED, f"{exc.reason}: {exc}")
         except WorkspaceError as exc:
             self._metrics.workspace_failures.labels(exc.reason).inc()
             log.error("workspace_invalid work_id=%s reason=%s error=%s", item.id, exc.reason, exc)

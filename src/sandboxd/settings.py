@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
@@ -27,6 +27,7 @@ from pydantic_settings import (
 )
 
 from .errors import ConfigError
+from .images import check_pattern
 
 ENV_PREFIX = "SANDBOXD_"
 DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/sandboxd.toml")
@@ -114,9 +115,28 @@ class Settings(BaseSettings):
     )
 
     # --- sandbox containers ---------------------------------------------------------------------
-    image: str = Field("sandboxd-sandbox:latest", description="The sandbox image.")
+    image: str = Field(
+        "sandboxd-sandbox:latest",
+        description="The default sandbox image: ours, one built FROM it, or any image with /bin/bash (the worker "
+        "runtime is brought in from runtime_image).",
+    )
     pull_policy: Literal["never", "missing", "always"] = Field(
-        "missing", description="Pull the sandbox image never, when missing, or before every session."
+        "missing", description="Pull a sandbox image never, when missing, or before every session."
+    )
+    allowed_images: list[str] = Field(
+        default_factory=list,
+        description="Images a session may name with its metadata key `image`, besides the default: exact "
+        "references, digests, or patterns (`*` within a path component, `**` across). Empty: only `image`.",
+    )
+    image_pull_policies: dict[str, Literal["never", "missing", "always"]] = Field(
+        default_factory=dict,
+        description="Pull policy per image pattern (the first match wins); other images use pull_policy.",
+    )
+    runtime_image: str = Field(
+        "sandboxd-sandbox:latest",
+        description="The image the sandbox worker runtime (the entrypoint with its own interpreter, libraries and "
+        "the SDK, /opt/sandboxd-runtime) is taken from, once per version, into a read-only volume; keep it at the "
+        "daemon's version.",
     )
     network_mode: str = Field(
         "none",
@@ -221,6 +241,13 @@ class Settings(BaseSettings):
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError("must be host:port, for example 127.0.0.1:9464")
+        return value
+
+    @field_validator("allowed_images", "image_pull_policies")
+    @classmethod
+    def _check_images(cls, value: Any) -> Any:
+        for pattern in value:
+            check_pattern(pattern)
         return value
 
     @field_validator("base_url", "sandbox_base_url")

@@ -53,7 +53,7 @@ CHART_VALUE_SETTINGS = {
     "workspaceStoreMaxBytes": "workspace_store_max_bytes",
 }
 # Settings the chart sets itself; values.config may not (values.schema.json), secrets never.
-CHART_MANAGED_SETTINGS = {"environment_id", "image", "state_dir", "metrics_address", "socket_dir",
+CHART_MANAGED_SETTINGS = {"environment_id", "image", "runtime_image", "state_dir", "metrics_address", "socket_dir",
                           "workspace_store_dir", *CHART_VALUE_SETTINGS.values(), *SECRET_FIELDS}
 # Containers in our pods that are not ours: the Docker engine sidecar (Docker's image).
 NOT_OURS = {"dind"}

@@ -70,6 +70,10 @@ def test_sandbox_has_the_tools_and_the_worker(sandbox_image: str) -> None:
         "set -e; test -x /bin/bash; git --version; rg --version | head -n1; python3 --version; "
         "/opt/sandboxd/bin/python -c 'import sandboxd.entrypoint, anthropic.lib.environments'; "
         "test -x /opt/sandboxd/bin/sandboxd-sandbox; "
+        # the worker runtime other images get: complete, read-only to the sandbox user, standing alone
+        "test -f /opt/sandboxd-runtime/.complete; if touch /opt/sandboxd-runtime/x 2>/dev/null; then exit 8; fi; "
+        "env -i /opt/sandboxd-runtime/ld.so --library-path /opt/sandboxd-runtime/lib /opt/sandboxd-runtime/bin/python3 "
+        "-I -S /opt/sandboxd-runtime/run.py --help | grep -q -- --max-idle; "
         # read-only root filesystem: the workspace (a volume) and HOME (a tmpfs) are writable
         "echo hi > /workspace/f; echo hi > $HOME/f; if touch /var/tmp/f 2>/dev/null; then exit 9; fi; echo ok"
     )

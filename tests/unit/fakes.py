@@ -19,7 +19,7 @@ import anyio
 import anyio.lowlevel
 from anthropic.types.beta.environments import BetaSelfHostedWork, BetaSessionWorkData
 
-from sandboxd.containers import AssignmentRecord, Found, Sandbox, SandboxSpec
+from sandboxd.containers import AssignmentRecord, Found, Runtime, Sandbox, SandboxSpec
 from sandboxd.errors import EngineError, LaunchError
 from sandboxd.protocol import Event, ExitCode, event_line
 from sandboxd.settlement import ItemRef
@@ -147,6 +147,7 @@ class FakeBackend:
     launch_error: LaunchError | None = None
     create_seconds: float = 0.0
     image: str = "sha256:one"
+    images: list[str | None] = field(default_factory=list)  # each create's `image` (None: the default)
     image_error: LaunchError | None = None
     ready: bool = True  # created sandboxes report `ready` on their stdout
     stop_status: int = ExitCode.CANCELLED  # an assigned sandbox's exit on SIGTERM: its worker stopped the item
@@ -220,18 +221,27 @@ class FakeBackend:
     async def ping(self) -> bool:
         return not self.engine_down
 
-    async def image_id(self) -> str:
+    async def image_id(self, image: str | None = None) -> str:
         await anyio.lowlevel.checkpoint()
         if self.image_error is not None:
             raise self.image_error
-        return self.image
+        return self.image if image is None else f"sha256:{image}"
+
+    def image_readiness(self) -> tuple[bool, str]:
+        return (False, f"sandbox image: {self.image_error}") if self.image_error else (True, "")
+
+    async def runtime(self, *, volume: bool = False) -> Runtime:
+        await anyio.lowlevel.checkpoint()
+        return Runtime(self.image, "sandboxd-runtime-fake")
 
     def new_sandbox(self) -> Sandbox:
         self.named += 1
         return Sandbox("", f"sandboxd-fake-{self.named}", created_at=self.clock())
 
-    async def create(self, sandbox: Sandbox | None = None, *, image_id: str | None = None) -> Sandbox:
+    async def create(self, sandbox: Sandbox | None = None, *, image_id: str | None = None,
+                     image: str | None = None) -> Sandbox:
         self.create_calls += 1
+        self.images.append(image)
         if self.create_seconds:
             await anyio.sleep(self.create_seconds)
         else:
@@ -240,7 +250,7 @@ class FakeBackend:
             raise self.launch_error
         n = self.create_calls
         sandbox = sandbox or self.new_sandbox()
-        sandbox.container_id, sandbox.image_id = f"c-{n}", image_id or await self.image_id()
+        sandbox.container_id, sandbox.image_id = f"c-{n}", image_id or await self.image_id(image)
         lines = [event_line(Event.READY, time.time())] if self.ready else []
         self._runs[sandbox.name] = _Run(lines, self.run_seconds, self.exit_status)
         self._arrive(sandbox.name)

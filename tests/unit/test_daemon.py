@@ -12,6 +12,7 @@ from sandboxd.containers import AssignmentRecord, Sandbox
 from sandboxd.daemon import Daemon, ExitStatus
 from sandboxd.errors import LaunchError
 from sandboxd.health import HealthState
+from sandboxd.images import ImagePolicy
 from sandboxd.lifecycle import Lifecycle, LifecycleLimits, Tracked
 from sandboxd.metrics import Metrics
 from sandboxd.notify import Notifier
@@ -29,7 +30,7 @@ pytestmark = pytest.mark.anyio
 def _daemon(queue: FakeQueue, backend: FakeBackend, *, max_sessions: int = 2, max_session_seconds: float = 30,
             allow_key: bool = False, pool_size: int = 0, workspace_max_bytes: int = 1 << 30,
             disk_check_interval_seconds: float = 2.0, drain_timeout_seconds: float | None = None,
-            retention: Retention | None = None) -> tuple[Daemon, Metrics]:
+            retention: Retention | None = None, images: ImagePolicy | None = None) -> tuple[Daemon, Metrics]:
     """Wired as sandboxd.assembly.run_daemon wires it, with the fakes for queue and engine."""
     metrics = Metrics()
     lifecycle = Lifecycle(backend, metrics, LifecycleLimits(  # type: ignore[arg-type]
@@ -41,7 +42,7 @@ def _daemon(queue: FakeQueue, backend: FakeBackend, *, max_sessions: int = 2, ma
         lifecycle.pool = pool
     limits = SessionLimits(max_session_seconds, allow_environment_key_in_sandbox=allow_key)
     supervisor = SessionSupervisor(queue, lifecycle, Workspaces(), metrics, limits, "sk-env-key",  # type: ignore[arg-type]
-                                   retention)
+                                   retention, images)
     daemon = Daemon(queue, supervisor, lifecycle, metrics, HealthState(poll_window_seconds=5),  # type: ignore[arg-type]
                     Notifier(None), max_sessions=max_sessions, shutdown_grace_seconds=1,
                     drain_timeout_seconds=drain_timeout_seconds, pool=pool)

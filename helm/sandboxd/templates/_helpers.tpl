@@ -75,6 +75,10 @@ app.kubernetes.io/part-of: sandboxd
 {{- include "sandboxd.imageRef" (list .Values.sandboxImage .Chart.AppVersion) -}}
 {{- end -}}
 
+{{- define "sandboxd.runtimeImage" -}}
+{{- include "sandboxd.imageRef" (list .Values.runtimeImage .Chart.AppVersion) -}}
+{{- end -}}
+
 {{- define "sandboxd.dindImage" -}}
 {{- $dind := .Values.docker.dind -}}
 {{- $tag := printf "%s-dind%s" $dind.image.version (ternary "-rootless" "" $dind.rootless) -}}
@@ -110,6 +114,7 @@ whole numbers are written as integers; strings are JSON-quoted (a valid TOML bas
 environment_id = {{ toJson .Values.environmentId }}
 {{- end }}
 image = {{ include "sandboxd.sandboxImage" . | toJson }}
+runtime_image = {{ include "sandboxd.runtimeImage" . | toJson }}
 network_mode = {{ toJson .Values.networkMode }}
 egress_allowed_hosts = {{ include "sandboxd.tomlValue" .Values.egress.allowedHosts }}
 egress_audit = {{ .Values.egress.audit }}
