@@ -145,3 +145,29 @@ def test_sessions_run_in_foreign_images_beside_ours(
     assert f"workspace_quota mode={quota}" in run.output or quota == "poll"
     assert run.output.count("runtime_volume_created") <= 1
     assert harness.leftovers() == {"containers": [], "volumes": []}
+
+
+def test_a_restarted_daemon_adopts_sandboxes_of_foreign_images(harness: Harness, foreign_images: dict[str, str]) -> None:
+    """Adoption does not care which image a sandbox runs: SIGKILL the daemon mid-tool-call, start another."""
+    cp = harness.control_plane
+    sessions = [cp.add_session(ScriptedSession(metadata={"image": foreign_images[name]}, steps=[
+        _bash(f"sleep 5; echo slept-{name}", is_error=False, contains=[f"slept-{name}"]),
+        _bash(f"echo after-{name}", is_error=False, contains=[f"after-{name}"]),
+    ])) for name in ("minbase", "static")]
+    env = {"SANDBOXD_ALLOWED_IMAGES": json.dumps(["sandboxd-test-*"]), "SANDBOXD_RUNTIME_IMAGE": harness.image}
+    first = harness.start("run", **env)
+    cp.wait_for(lambda s: all(s["sessions"][x.session_id]["events"] >= 2 for x in sessions), timeout=90)
+    first.process.kill()
+    harness.wait(first, timeout=10)
+    second = harness.start("run", **env)
+    try:
+        state = cp.wait_for(lambda s: all(s["work"][x.work_id]["state"] == "stopped" for x in sessions), timeout=120)
+    finally:
+        harness.signal(second)
+        harness.wait(second, timeout=90)
+    for session in sessions:
+        assert state["sessions"][session.session_id]["passed"], state["sessions"][session.session_id]
+        work = state["work"][session.work_id]
+        assert work["claims"] == 1 and len(work["stops"]) == 1, work
+    assert second.output.count("sandbox_adopted") == 2, second.output[-4000:]
+    assert harness.leftovers() == {"containers": [], "volumes": []}
