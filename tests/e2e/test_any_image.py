@@ -147,7 +147,9 @@ def test_sessions_run_in_foreign_images_beside_ours(
     assert harness.leftovers() == {"containers": [], "volumes": []}
 
 
-def test_a_restarted_daemon_adopts_sandboxes_of_foreign_images(harness: Harness, foreign_images: dict[str, str]) -> None:
+def test_a_restarted_daemon_adopts_sandboxes_of_foreign_images(
+    harness: Harness, foreign_images: dict[str, str]
+) -> None:
     """Adoption does not care which image a sandbox runs: SIGKILL the daemon mid-tool-call, start another."""
     cp = harness.control_plane
     sessions = [cp.add_session(ScriptedSession(metadata={"image": foreign_images[name]}, steps=[
