@@ -561,7 +561,9 @@ def test_forged_output_api_calls_and_sockets_hurt_no_neighbour(harness: Harness,
     forged = [r["text"] for r in state["sessions"][forger.session_id]["results"]]
     assert forged == ["forged-lines", "binary", "endless-line", "deep-nesting"], forged
     dropped = _labelled(metrics, "sandboxd_sandbox_output_dropped_total")
-    assert dropped["not_an_event"] == NOT_AN_EVENT, dropped
+    # The seven forged lines come first and are always read; the forged stop is the sandbox's last line,
+    # written after 20 MB of floods the engine's bounded log (2 x 8 MB, rotated) may not keep for the follower.
+    assert len(FORGED_LINES) <= dropped["not_an_event"] <= NOT_AN_EVENT, dropped
     assert dropped["oversized"] >= 2 and dropped["malformed"] >= 2, dropped
     # 2: the forged stop was not believed and the killed worker stopped nothing: the daemon did, at once.
     work = _stopped_once(state, forger.work_id)
