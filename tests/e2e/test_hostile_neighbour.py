@@ -92,7 +92,7 @@ STDOUT_ATTACKS = [
 ]
 # The forged stop, then SIGKILL of the worker (the python process under PID 1, same uid as the tool).
 FORGE_STOP_AND_KILL = (
-    f"printf '\\n%s\\n' '{FORGED_STOP}' > /proc/1/fd/1; worker=$(pgrep -P 1 -f sandboxd-sandbox); "
+    f"printf '\\n%s\\n' '{FORGED_STOP}' > /proc/1/fd/1; worker=$(pgrep -P 1 -f sandboxd-runtime/run.py); "
     "echo killing $worker; kill -9 $worker; sleep 30; echo worker-survived"
 )
 # A forged control message on the worker's stdin (the pipe behind PID 1's fd 0).
@@ -520,7 +520,7 @@ def test_forged_output_api_calls_and_sockets_hurt_no_neighbour(harness: Harness,
         _bash(_curl_attempts(api_id) + "; "
               + _py(API_ATTACKS, api_id, neighbour.session_id, ordinary.work_id, cp.environment_id)),
         _bash(_py(SOCKET_PROBE)),
-        _bash(_py(CREDENTIAL_PROBE, "$(pgrep -P 1 -f sandboxd-sandbox)")),
+        _bash(_py(CREDENTIAL_PROBE, "$(pgrep -P 1 -f sandboxd-runtime/run.py)")),
     ]))
     forger = cp.add_session(ScriptedSession(title="stdout forger", steps=[
         *(_bash(command) for command in STDOUT_ATTACKS), _bash(FORGE_STOP_AND_KILL)]))
@@ -804,7 +804,7 @@ def test_stderr_cannot_forge_the_daemon_log_records(harness: Harness) -> None:
     attacker = cp.add_session(ScriptedSession(title="log forger", steps=[
         _bash(f"printf '%s\\n' '{forged}' > /proc/1/fd/2 && echo forged"),
         # A failed session's last log lines are copied into the daemon's log: make it fail.
-        _bash("kill -9 $(pgrep -P 1 -f sandboxd-sandbox); sleep 30"),
+        _bash("kill -9 $(pgrep -P 1 -f sandboxd-runtime/run.py); sleep 30"),
     ]))
     run, address = _start(harness, "runc", SANDBOXD_LOG_FORMAT="json")
     state = _all_stopped(harness, [ordinary.work_id, attacker.work_id], timeout=90)

@@ -20,7 +20,7 @@ import pytest
 from sandboxd.controlplane.scenario import Expect, ScriptedSession, ToolStep
 from tests.e2e.conftest import Harness
 
-# Run by a tool: every process's mem/environ/fd, and for the worker (the sandboxd-sandbox entrypoint)
+# Run by a tool: every process's mem/environ/fd, and for the worker (the runtime's run.py)
 # whether any of them could be read; every readable byte is searched for a sessions token or the
 # placeholder the worker holds instead.
 PROC_SCAN = r'''
@@ -33,7 +33,7 @@ for pid in filter(str.isdigit, os.listdir("/proc")):
     except OSError:
         continue
     args = cmd.split(b"\0")
-    is_worker = len(args) > 1 and args[1].endswith(b"/sandboxd-sandbox")
+    is_worker = args[0] == b"/opt/sandboxd-runtime/ld.so"  # not PID 1 (docker-init), whose argv names it too
     for name in ("environ", "mem", "fd"):
         path = f"/proc/{pid}/{name}"
         try:
