@@ -69,14 +69,17 @@ class InProcessEngine:
     async def owned(self) -> list[Any]:
         return []
 
-    async def image_id(self) -> str:
+    async def image_id(self, image: str | None = None) -> str:
         return "in-process"
+
+    def image_readiness(self) -> tuple[bool, str]:
+        return True, ""
 
     def new_sandbox(self) -> Box:
         send, receive = anyio.create_memory_object_stream[bytes](16)
         return Box(f"inproc-{len(self.assignments)}-{time.monotonic_ns()}", send, receive)
 
-    async def create(self, box: Box | None = None, *, image_id: str | None = None) -> Box:
+    async def create(self, box: Box | None = None, *, image_id: str | None = None, image: str | None = None) -> Box:
         box = box or self.new_sandbox()
         self._tg.start_soon(self._run, box, name=f"sandbox {box.name}")
         return box

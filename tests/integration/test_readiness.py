@@ -35,6 +35,9 @@ class IdleEngine:
     async def owned(self) -> list[Any]:
         return []
 
+    def image_readiness(self) -> tuple[bool, str]:
+        return True, ""
+
 
 @pytest.fixture
 def plane() -> Iterator[ControlPlane]:
