@@ -49,6 +49,11 @@ def channels(settings: Settings) -> Channels | None:
         allowed_hosts=settings.egress_allowed_hosts,
         audit=settings.egress_audit,
         grants_dir=settings.state_dir / "grants",
+        credentials=[credential.rule() for credential in settings.egress_credentials],
+        egress_dir=settings.state_dir / "egress",
+        ca_files=(settings.egress_ca_cert_file, settings.egress_ca_key_file)
+        if settings.egress_ca_cert_file is not None and settings.egress_ca_key_file is not None else None,
+        upstream_ca_file=settings.egress_upstream_ca_file,
     )
 
 
@@ -68,6 +73,7 @@ def sandbox_spec(settings: Settings, ways_out: Channels | None = None) -> Sandbo
         runtime=settings.runtime,
         instance=instance_name(settings),
         extra_env=ways_out.sandbox_env() if ways_out else {},
+        env_for=ways_out.sandbox_env_for if ways_out and ways_out.injection else None,
         channel_dir=str(ways_out.socket_dir) if ways_out else None,
         allow_unenforced_limits=settings.allow_unenforced_limits,
         runtime_image=settings.runtime_image,

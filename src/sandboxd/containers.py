@@ -99,6 +99,8 @@ class SandboxSpec:
     runtime: str | None = None
     instance: str = "sandboxd"
     extra_env: Mapping[str, str] = field(default_factory=dict)
+    # Variables of one sandbox alone (its credential placeholders), by its name.
+    env_for: Callable[[str], Mapping[str, str]] | None = None
     # Host directory -> container path, read-only.
     bind_mounts: Mapping[str, str] = field(default_factory=dict)
     # The channels' socket directory: `<channel_dir>/<sandbox name>` is mounted read-only at /run/sandboxd.
@@ -394,7 +396,8 @@ class DockerBackend:
             working_dir=WORKSPACE,
             # Only what the entrypoint needs; nothing of the daemon's environment is passed through. The
             # image's own ENV stays (its PATH finds its tools); HOME is the writable /tmp in every image.
-            environment={"ANTHROPIC_BASE_URL": spec.base_url, "HOME": "/tmp", **spec.extra_env},
+            environment={"ANTHROPIC_BASE_URL": spec.base_url, "HOME": "/tmp", **spec.extra_env,
+                         **(spec.env_for(sandbox.name) if spec.env_for is not None else {})},
             stdin_open=True,
             tty=False,
             # An image's own HEALTHCHECK and STOPSIGNAL are its business, not a sandbox's: the runtime

@@ -39,7 +39,8 @@ EGRESS_DECISIONS = ("allowed", "refused", "audit")
 BROKER_REFUSALS = ("not_assigned", "credential", "route", "bad_request", "body_too_large", "timeout", "upstream")
 OUTPUT_DROPS = ("malformed", "oversized", "not_an_event", "rate_limited")
 EGRESS_REFUSALS = ("not_allowed", "address", "unresolved", "bad_request", "too_large", "smuggling", "host_mismatch",
-                   "header_timeout", "not_tls", "no_sni", "sni_mismatch", "hidden_sni", "hello_timeout")
+                   "header_timeout", "not_tls", "no_sni", "sni_mismatch", "hidden_sni", "hello_timeout", "placeholder",
+                   "upstream_tls", "client_tls")
 RESTORE_RESULTS = ("hit", "miss", "expired", "corrupt", "discarded")
 _FAST_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
@@ -192,6 +193,11 @@ class Metrics:
         )
         self.egress_refused = Counter(
             "sandboxd_egress_refused_total", "Egress proxy refusals, by reason.", ["reason"], registry=r
+        )
+        # `rule` is an operator-named credential rule (bounded by the configuration); its series are made at start.
+        self.egress_credentials_injected = Counter(
+            "sandboxd_egress_credentials_injected_total", "Requests the egress proxy injected a credential into.",
+            ["rule"], registry=r,
         )
         self.sandbox_output_dropped = Counter(
             "sandboxd_sandbox_output_dropped_total",

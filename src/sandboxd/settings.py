@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -28,11 +28,40 @@ from pydantic_settings import (
 
 from .errors import ConfigError
 from .images import check_pattern
+from .network.credentials import CredentialRule
 
 ENV_PREFIX = "SANDBOXD_"
 DEFAULT_CONFIG_FILE = Path("/etc/sandboxd/sandboxd.toml")
 DEFAULT_SECRETS_DIRS = (Path("/run/secrets"),)
 SECRET_FIELDS = ("environment_key", "api_key")
+
+
+class EgressCredential(BaseModel):
+    """One credential rule of `egress_credentials` (see sandboxd.network.credentials). No secret value: a file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="A short label (a-z 0-9 _ -, at most 32): logs and the metric's `rule` label.")
+    host: str = Field(description="The host it is injected for: an exact name or *.suffix.")
+    port: int = Field(443, ge=1, le=65535, description="The port (HTTPS only).")
+    header: str = Field("Authorization", description="The header that carries it.")
+    format: Literal["bearer", "basic", "replace"] = Field(
+        "bearer", description="bearer: `Bearer <placeholder>`; basic: `Basic base64(user:<placeholder>)` (git, "
+        "pip); replace: the placeholder anywhere in the header's value.",
+    )
+    secret_file: Path = Field(description="The file holding the real value (a systemd credential, a mounted "
+                              "Kubernetes Secret key), read at each use.")
+    placeholder_env: str = Field(description="The environment variable in which sandboxes see their placeholder.")
+
+    @model_validator(mode="after")
+    def _check(self) -> EgressCredential:
+        self.rule()  # raises ValueError naming the problem
+        return self
+
+    def rule(self) -> CredentialRule:
+        return CredentialRule.parse(name=self.name, host=self.host, port=self.port, header=self.header,
+                                    format=self.format, secret_file=self.secret_file,
+                                    placeholder_env=self.placeholder_env)
 
 
 class Settings(BaseSettings):
@@ -157,6 +186,23 @@ class Settings(BaseSettings):
     egress_audit: bool = Field(
         False, description="Allow (and log and count as audit) what the egress allow-list would refuse."
     )
+    egress_credentials: list[EgressCredential] = Field(
+        default_factory=list,
+        description="Credentials the egress proxy injects into HTTPS requests to their host (TLS terminated there "
+        "with sandboxd's CA); sandboxes see only a placeholder. A JSON list in SANDBOXD_EGRESS_CREDENTIALS. "
+        "See docs/network.md.",
+    )
+    egress_ca_cert_file: Path | None = Field(
+        None, description="An operator CA certificate (PEM) for the proxy's intercepted hosts, with "
+        "egress_ca_key_file; default: a CA sandboxd makes under <state_dir>/egress."
+    )
+    egress_ca_key_file: Path | None = Field(
+        None, description="The unencrypted PEM key of egress_ca_cert_file."
+    )
+    egress_upstream_ca_file: Path | None = Field(
+        None, description="Extra CA certificates (PEM) the proxy trusts, besides the system store, for the hosts "
+        "it injects credentials into."
+    )
     runtime: str | None = Field(None, description="OCI runtime for sandboxes, e.g. runsc for gVisor.")
     sandbox_user: str = Field("10001:10001", pattern=r"^\d+:\d+$", description="uid:gid sandboxes run as.")
     memory_limit: str = Field("2g", pattern=r"^\d+[bkmg]?$", description="Memory limit per sandbox.")
@@ -249,6 +295,12 @@ class Settings(BaseSettings):
         for pattern in value:
             check_pattern(pattern)
         return value
+
+    @model_validator(mode="after")
+    def _check_egress_ca(self) -> Settings:
+        if (self.egress_ca_cert_file is None) != (self.egress_ca_key_file is None):
+            raise ValueError("egress_ca_cert_file and egress_ca_key_file go together")
+        return self
 
     @field_validator("base_url", "sandbox_base_url")
     @classmethod

@@ -641,4 +641,5 @@ async def test_the_gates_refusals_are_counted_with_their_reason(answer: list[str
 def test_the_refusal_reasons() -> None:
     assert [reason.value for reason in RefusalReason] == [
         "not_allowed", "address", "unresolved", "bad_request", "too_large", "smuggling", "host_mismatch",
-        "header_timeout", "not_tls", "no_sni", "sni_mismatch", "hidden_sni", "hello_timeout"]
+        "header_timeout", "not_tls", "no_sni", "sni_mismatch", "hidden_sni", "hello_timeout", "placeholder",
+        "upstream_tls", "client_tls"]

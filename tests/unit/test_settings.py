@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,42 @@ def test_missing_required_setting_names_it(tmp_path: Path) -> None:
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings([], prog="t", config_file=str(tmp_path / "absent.toml"))
+
+
+CREDENTIAL = {"name": "github", "host": "*.github.com", "format": "basic", "secret_file": "/run/creds/gh",
+              "placeholder_env": "GITHUB_TOKEN"}
+
+
+def test_egress_credentials_come_as_json_in_the_environment_and_as_toml(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SANDBOXD_EGRESS_CREDENTIALS", json.dumps([CREDENTIAL]))
+    (rule,) = load_settings([], prog="t").egress_credentials
+    assert (rule.name, rule.port, rule.header, rule.rule().wildcard) == ("github", 443, "Authorization", True)
+    monkeypatch.delenv("SANDBOXD_EGRESS_CREDENTIALS")
+    config = tmp_path / "sandboxd.toml"
+    config.write_text('egress_credentials = [{ name = "api", host = "api.example.com", port = 8443, '
+                      'secret_file = "/s", placeholder_env = "API_TOKEN" }]\n')
+    (rule,) = load_settings([], prog="t", config_file=str(config)).egress_credentials
+    assert (rule.host, rule.port, rule.format) == ("api.example.com", 8443, "bearer")
+
+
+@pytest.mark.parametrize("change", [
+    {"secret": "the-value"},  # never a plain value: a file
+    {"name": "Has Spaces"},
+    {"host": "10.0.0.1"},
+    {"header": "Host"},
+    {"header": "Proxy-Authorization"},
+    {"placeholder_env": "SANDBOXD_API_SOCKET"},
+    {"placeholder_env": "HTTPS_PROXY"},
+    {"format": "digest"},
+])
+def test_bad_egress_credentials_are_configuration_errors(monkeypatch: pytest.MonkeyPatch,
+                                                         change: dict[str, str]) -> None:
+    monkeypatch.setenv("SANDBOXD_EGRESS_CREDENTIALS", json.dumps([CREDENTIAL | change]))
+    with pytest.raises(ConfigError, match="egress_credentials"):
+        load_settings([], prog="t")
+
+
+def test_an_egress_ca_needs_its_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="egress_ca_key_file"):
+        load_settings(["--egress-ca-cert-file", str(tmp_path / "ca.crt")], prog="t")

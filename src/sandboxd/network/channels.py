@@ -8,6 +8,10 @@ set, `egress.sock` is the allow-list HTTP(S) proxy, offered to tools on 127.0.0.
 entrypoint's relay. Each socket has its own connection cap, so a sandbox that exhausts its share
 waits in its own backlog and slows only itself. With another network mode the operator opted into
 raw networking: no broker, no proxy.
+
+With credential rules (`egress_credentials`), each sandbox's directory also holds `ca-bundle.pem`
+(the system roots and the proxy's CA, named by SSL_CERT_FILE and its kin) and each sandbox gets
+its own placeholders in its environment (`sandbox_env_for`); the real values stay in the daemon.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,8 +31,10 @@ from ..errors import ConfigError
 from ..logs import LogBudget, sandbox_log_budget
 from ..metrics import Metrics
 from .allowlist import EgressPolicy
+from .authority import AuthorityError, CertificateAuthority, bundle, system_roots, upstream_context
 from .broker import ApiBroker, Door, Grant, Traffic
-from .egress import Decision, EgressProxy
+from .credentials import CredentialRule, Credentials, CredentialUnavailable
+from .egress import Decision, EgressProxy, Injection
 from .sockets import serve_connections, unix_listener
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,10 @@ BROKER_URL = "http://sandboxd-broker"  # what the sandbox's SDK addresses; the s
 PROXY_PORT = 3128
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
 _NAME_ROOM = 40  # "/sandboxd-<16 hex>/egress.sock" and some to spare
+CA_BUNDLE = "ca-bundle.pem"
+# What tools read their trusted CAs from: each names the bundle (system roots and the proxy's CA).
+CA_VARIABLES = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
+                "PIP_CERT")
 
 
 @dataclass(frozen=True)
@@ -57,10 +67,14 @@ class Channels:
     # Where each assigned sandbox's real credential is kept (0600, never mounted anywhere), so a
     # daemon that adopts the sandbox after a restart forwards its calls on the item's own token.
     grants_dir: Path | None = None
+    injection: Injection | None = None  # credential rules: the proxy terminates TLS to their hosts
+    ca_bundle: bytes = b""  # what each sandbox trusts when there are credential rules
 
     @classmethod
     def build(cls, *, network_mode: str, socket_dir: Path, base_url: str, allowed_hosts: list[str],
-              audit: bool, grants_dir: Path | None = None) -> Channels | None:
+              audit: bool, grants_dir: Path | None = None, credentials: Sequence[CredentialRule] = (),
+              egress_dir: Path | None = None, ca_files: tuple[Path, Path] | None = None,
+              upstream_ca_file: Path | None = None) -> Channels | None:
         """None when sandboxes have a network of their own (the operator's opt-out)."""
         if network_mode != "none":
             if allowed_hosts:
@@ -73,7 +87,18 @@ class Channels:
             policy = EgressPolicy(allowed_hosts, audit=audit) if allowed_hosts else None
         except ValueError as exc:
             raise ConfigError(f"`egress_allowed_hosts`: {exc}") from None
-        return cls(socket_dir, base_url, policy, grants_dir=grants_dir)
+        if not credentials or policy is None:
+            if credentials:
+                log.warning("egress_credentials_ignored (no egress_allowed_hosts: sandboxes have no egress)")
+            return cls(socket_dir, base_url, policy, grants_dir=grants_dir)
+        assert egress_dir is not None
+        injection = _injection(credentials, egress_dir, ca_files, upstream_ca_file)
+        for rule in credentials:
+            if not any(r.matches(rule.host, rule.port) for r in policy.rules) and not rule.wildcard:
+                log.warning("egress_credential_host_not_allowed rule=%s host=%s port=%d (add it to "
+                            "egress_allowed_hosts)", rule.name, rule.host, rule.port)
+        return cls(socket_dir, base_url, policy, grants_dir=grants_dir, injection=injection,
+                   ca_bundle=bundle(injection.authority, system_roots()))
 
     def sandbox_env(self) -> dict[str, str]:
         env = {"SANDBOXD_API_SOCKET": f"{SANDBOX_SOCKET_DIR}/api.sock", "ANTHROPIC_BASE_URL": BROKER_URL}
@@ -84,7 +109,13 @@ class Channels:
                     "no_proxy": "localhost,127.0.0.1"}
             for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
                 env[name] = proxy
+        if self.injection is not None:
+            env |= {name: f"{SANDBOX_SOCKET_DIR}/{CA_BUNDLE}" for name in CA_VARIABLES}
         return env
+
+    def sandbox_env_for(self, name: str) -> dict[str, str]:
+        """The variables of sandbox `name` alone: its credential placeholders."""
+        return self.injection.credentials.sandbox_env(name) if self.injection is not None else {}
 
     def prepare(self) -> None:
         """Create the socket directory; ConfigError (exit 2) when it cannot be."""
@@ -105,9 +136,16 @@ class Channels:
 
         broker = ApiBroker(self.base_url, on_refused=lambda reason: metrics.broker_refused.labels(reason.value).inc())
         proxy = None
+        injection = self.injection
+        if injection is not None:
+            for rule in injection.credentials.rules:
+                metrics.egress_credentials_injected.labels(rule.name)
+            injection = Injection(injection.credentials, injection.authority, injection.upstream_tls,
+                                  on_injected=lambda rule: metrics.egress_credentials_injected.labels(rule).inc())
         if self.egress is not None:
             proxy = EgressProxy(self.egress, self.socket_dir / "egress.sock", on_decision=decided,
-                                on_refused=lambda reason: metrics.egress_refused.labels(reason.value).inc())
+                                on_refused=lambda reason: metrics.egress_refused.labels(reason.value).inc(),
+                                injection=injection)
         try:
             async with anyio.create_task_group() as tg:
                 doors = SandboxDoors(self, tg, broker, proxy)
@@ -145,6 +183,9 @@ class SandboxDoors:
         directory = self.directory(name)
         directory.mkdir(mode=0o755, exist_ok=True)
         os.chmod(directory, 0o755)
+        if self._channels.ca_bundle:
+            (directory / CA_BUNDLE).write_bytes(self._channels.ca_bundle)
+            os.chmod(directory / CA_BUNDLE, 0o644)
         door = Door(name, grant, observe)
         scope = await self._tg.start(self._serve, door, directory, name=f"channels {name}")
         self._open[name] = (door, scope)
@@ -159,7 +200,7 @@ class SandboxDoors:
                                limits.api_connections, f"broker {door.name}")
                 if self._proxy is not None:
                     sandbox_log_budget.set(LogBudget())  # inherited by this sandbox's proxy connections
-                    await tg.start(self._listen, directory / "egress.sock", self._proxy.handle,
+                    await tg.start(self._listen, directory / "egress.sock", partial(self._proxy.handle, door=door),
                                    limits.egress_connections, f"egress {door.name}")
                 task_status.started(scope)
 
@@ -205,3 +246,19 @@ class SandboxDoors:
         opened = self._open.pop(name, None)
         if opened is not None:
             opened[1].cancel()
+
+
+def _injection(rules: Sequence[CredentialRule], egress_dir: Path, ca_files: tuple[Path, Path] | None,
+               upstream_ca_file: Path | None) -> Injection:
+    """The proxy's credential injection: the rules, their secrets checked readable, the CA and upstream trust."""
+    try:
+        for rule in rules:
+            rule.secret()
+        credentials = Credentials(rules, Credentials.load_key(egress_dir))
+        if ca_files is not None:
+            authority = CertificateAuthority.load(ca_files[0], ca_files[1], egress_dir)
+        else:
+            authority = CertificateAuthority.load_or_create(egress_dir)
+        return Injection(credentials, authority, upstream_context(upstream_ca_file))
+    except (ValueError, OSError, AuthorityError, CredentialUnavailable) as exc:
+        raise ConfigError(f"`egress_credentials`: {exc}") from None

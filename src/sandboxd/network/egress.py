@@ -14,12 +14,22 @@ What is forwarded must be what was checked. Plain HTTP is parsed and framed requ
 and each request on a kept-alive connection is decided afresh and gets its own upstream
 connection. A CONNECT to a name carries TLS whose ClientHello names that same host (`tls.py`).
 Every refusal is logged and reported to `on_refused` with its `RefusalReason`.
+
+Credentials (`credentials.py`): a CONNECT to a host:port with credential rules is not spliced but
+terminated, with a leaf certificate of the proxy's CA (`authority.py`) for the name the CONNECT and
+the SNI agree on. Each request inside is parsed like plain HTTP (`parse_tunnelled`: origin form,
+Host must name that host), rewritten (this sandbox's placeholder swapped for the real value, the
+rule's header without it dropped, a placeholder elsewhere refused) and sent on its own TLS
+connection, verified against the system store (and `egress_upstream_ca_file`), to a checked
+address. Hosts without rules stay end-to-end tunnels. Plain HTTP is never injected: a plain request
+that shows a placeholder is refused (`placeholder`).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,10 +37,14 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
+from anyio.streams.tls import TLSStream
 
 from ..logs import log_within_budget
 from .addresses import refusal
 from .allowlist import EgressPolicy, is_ip_literal, normalise_host
+from .authority import CertificateAuthority
+from .broker import Door
+from .credentials import CredentialRule, Credentials, CredentialUnavailable, PlaceholderMisuse, carries_placeholder
 from .http1 import (
     MAX_HEAD_BYTES,
     MAX_HEADERS,
@@ -44,6 +58,7 @@ from .http1 import (
     UpstreamFailed,
     answer,
     parse_request,
+    parse_tunnelled,
     read_head,
     receive_some,
 )
@@ -87,9 +102,23 @@ class RefusalReason(StrEnum):
     SNI_MISMATCH = "sni_mismatch"  # a ClientHello naming another host than the CONNECT
     HIDDEN_SNI = "hidden_sni"  # a ClientHello with encrypted_client_hello (or ESNI): the real name is hidden
     HELLO_TIMEOUT = "hello_timeout"  # the ClientHello did not arrive in time
+    PLACEHOLDER = "placeholder"  # a credential placeholder where it is not injected: plain HTTP, another header (403)
+    UPSTREAM_TLS = "upstream_tls"  # an intercepted host's certificate did not verify (502)
+    CLIENT_TLS = "client_tls"  # the TLS handshake of an intercepted tunnel failed (the client distrusts our CA?)
 
 
-_STATUS = {RefusalReason.TOO_LARGE: 431, RefusalReason.HOST_MISMATCH: 403, RefusalReason.HEADER_TIMEOUT: 408}
+_STATUS = {RefusalReason.TOO_LARGE: 431, RefusalReason.HOST_MISMATCH: 403, RefusalReason.HEADER_TIMEOUT: 408,
+           RefusalReason.PLACEHOLDER: 403}
+
+
+@dataclass(frozen=True)
+class Injection:
+    """What the proxy needs to inject credentials: the rules, its CA, how upstreams are verified."""
+
+    credentials: Credentials
+    authority: CertificateAuthority
+    upstream_tls: ssl.SSLContext
+    on_injected: Callable[[str], None] | None = None  # the rule's name, once per injected request
 
 
 @dataclass(frozen=True)
@@ -196,7 +225,8 @@ class EgressProxy:
                  connect_timeout_seconds: float = 10.0, header_timeout_seconds: float = 10.0,
                  idle_timeout_seconds: float = 60.0, hello_timeout_seconds: float = 10.0,
                  max_head_bytes: int = MAX_HEAD_BYTES, max_headers: int = MAX_HEADERS,
-                 max_hello_bytes: int = MAX_HELLO_BYTES) -> None:
+                 max_hello_bytes: int = MAX_HELLO_BYTES, injection: Injection | None = None,
+                 tcp_sandbox: str = "tcp") -> None:
         if socket_path is None and tcp_port is None:
             raise ValueError("the egress proxy needs a socket path or a TCP port")
         self.gate = EgressGate(policy, resolver=resolver, on_decision=on_decision)
@@ -212,6 +242,8 @@ class EgressProxy:
         self._max_head_bytes = max_head_bytes
         self._max_headers = max_headers
         self._max_hello_bytes = max_hello_bytes
+        self.injection = injection
+        self._tcp_sandbox = tcp_sandbox  # the sandbox name (placeholders) of clients on the TCP port (tests)
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen, report started, and serve until cancelled; the socket file is removed on exit."""
@@ -238,18 +270,19 @@ class EgressProxy:
             task_status.started()
             await serve_connections(listener, self.handle, max_connections=self._max_connections, name="egress")
 
-    async def handle(self, client: anyio.abc.ByteStream) -> None:
+    async def handle(self, client: anyio.abc.ByteStream, door: Door | None = None) -> None:
         """Serve one client connection: plain HTTP requests, each checked and forwarded in turn, or one tunnel.
 
-        Returns when the connection is done (the caller closes it); a client or upstream that breaks
-        off ends it quietly, without raising.
+        `door` is the sandbox whose socket it came in on (None: the TCP port). Returns when the
+        connection is done (the caller closes it); a client or upstream that breaks off ends it
+        quietly, without raising.
         """
         try:
-            await self._serve_client(client)
+            await self._serve_client(client, door)
         except (anyio.EndOfStream, *_STREAM_ERRORS) as exc:
             log.debug("egress_connection_broken error=%r", exc)
 
-    async def _serve_client(self, client: anyio.abc.ByteStream) -> None:
+    async def _serve_client(self, client: anyio.abc.ByteStream, door: Door | None) -> None:
         buffered: bytes | None = b""
         first = True
         while buffered is not None:
@@ -262,7 +295,7 @@ class EgressProxy:
                 await self._refuse_request(client, exc)
                 return
             if request.method == "CONNECT":
-                await self._tunnel(client, request, head[1])
+                await self._tunnel(client, request, head[1], door)
                 return
             buffered = await self._forward(client, request, head[1])
             first = False
@@ -295,6 +328,11 @@ class EgressProxy:
         except BadRequest as exc:
             await self._refuse_request(client, exc)
             return None
+        if carries_placeholder(request.target) or any(carries_placeholder(v) for _, v in request.fields):
+            self._refused(RefusalReason.PLACEHOLDER, request.host, request.port,
+                          "plain HTTP never carries a credential")
+            await answer(client, 403, "refused (placeholder): credentials are only injected into HTTPS to their host")
+            return None
         verdict = await self._decide(client, request)
         upstream = await self._open(client, verdict) if verdict is not None else None
         if upstream is None:
@@ -314,9 +352,17 @@ class EgressProxy:
                 return None
         return exchange.leftover
 
-    async def _tunnel(self, client: anyio.abc.ByteStream, request: ProxyRequest, buffered: bytes) -> None:
+    async def _tunnel(self, client: anyio.abc.ByteStream, request: ProxyRequest, buffered: bytes,
+                      door: Door | None) -> None:
         """A CONNECT: decided and connected; to a name, the ClientHello is checked before any byte goes up."""
         verdict = await self._decide(client, request)
+        rules = self.injection.credentials.rules_for(request.host, request.port) if self.injection else ()
+        if verdict is not None and rules:
+            await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            checked = await self._checked_hello(client, request, buffered)
+            if checked is not None:
+                await self._intercept(client, verdict, rules, checked, door)
+            return
         upstream = await self._open(client, verdict) if verdict is not None else None
         if upstream is None:
             return
@@ -330,6 +376,105 @@ class EgressProxy:
             if buffered:
                 await upstream.send(buffered)
             await splice(client, upstream)
+
+    async def _intercept(self, client: anyio.abc.ByteStream, verdict: Verdict, rules: tuple[CredentialRule, ...],
+                         buffered: bytes, door: Door | None) -> None:
+        """A tunnel to a host with credential rules: TLS terminated here, each request checked and rewritten."""
+        assert self.injection is not None
+        context = self.injection.authority.server_context(verdict.host)
+        try:
+            with anyio.fail_after(self._hello_timeout_seconds):
+                tls = await TLSStream.wrap(_Replayed(client, buffered), server_side=True, ssl_context=context,
+                                           standard_compatible=False)
+        except (TimeoutError, ssl.SSLError, anyio.EndOfStream, *_STREAM_ERRORS) as exc:
+            self._refused(RefusalReason.CLIENT_TLS, verdict.host, verdict.port,
+                          f"the TLS handshake failed ({type(exc).__name__})")
+            return
+        pending: bytes | None = b""
+        first = True
+        try:
+            while pending is not None:
+                head = await self._next_head(tls, pending, first)
+                if head is None:
+                    return
+                try:
+                    request = parse_tunnelled(head[0], verdict.host, verdict.port,
+                                              max_head_bytes=self._max_head_bytes, max_headers=self._max_headers)
+                except BadRequest as exc:
+                    await self._refuse_request(tls, exc)
+                    return
+                pending = await self._inject(tls, request, head[1], verdict, rules, door)
+                first = False
+        finally:
+            with anyio.CancelScope(shield=True):
+                await tls.aclose()
+
+    async def _inject(self, client: anyio.abc.ByteStream, request: ProxyRequest, buffered: bytes, verdict: Verdict,
+                      rules: tuple[CredentialRule, ...], door: Door | None) -> bytes | None:
+        """One request inside an intercepted tunnel, its credential injected; what the client sent next, or None."""
+        assert self.injection is not None
+        sandbox = door.name if door is not None else self._tcp_sandbox
+        try:
+            rewritten = self.injection.credentials.rewrite(request.fields, request.target, rules, sandbox)
+        except PlaceholderMisuse as exc:
+            self._refused(RefusalReason.PLACEHOLDER, request.host, request.port, str(exc))
+            await answer(client, 403, f"refused (placeholder): {exc}")
+            return None
+        except CredentialUnavailable as exc:
+            log.error("egress_credential_unavailable host=%s error=%s", request.host, exc)
+            await answer(client, 502, "the credential for this host is not available")
+            return None
+        try:
+            exchange = Exchange(client, request, buffered, max_head_bytes=self._max_head_bytes,
+                                outgoing=rewritten.fields, redact=rewritten.redact)
+        except BadRequest as exc:
+            await self._refuse_request(client, exc)
+            return None
+        upstream = await self._open_tls(client, verdict)
+        if upstream is None:
+            return None
+        session = door.grant.session_id if door is not None and door.grant is not None else "-"
+        for rule in rewritten.injected:
+            log_within_budget(log, logging.INFO, "egress_credential_injected host=%s rule=%s sandbox=%s session=%s",
+                              request.host, rule, sandbox, session)
+            if self.injection.on_injected is not None:
+                self.injection.on_injected(rule)
+        if rewritten.stripped:
+            log_within_budget(log, logging.INFO, "egress_credential_stripped host=%s fields=%d sandbox=%s",
+                              request.host, rewritten.stripped, sandbox)
+        async with upstream:
+            try:
+                await exchange.relay(upstream)
+            except BadRequest as exc:
+                await self._refuse_request(client, exc, respond=not exchange.answered)
+                return None
+            except UpstreamFailed as exc:
+                log.warning("egress_upstream_failed host=%s port=%d error=%s", request.host, request.port, exc)
+                if not exchange.answered:
+                    await answer(client, 502, f"{request.host}:{request.port} sent no valid HTTP/1.x response")
+                return None
+            except ClientGone:
+                return None
+        return exchange.leftover
+
+    async def _open_tls(self, client: anyio.abc.ByteStream, verdict: Verdict) -> anyio.abc.ByteStream | None:
+        """A verified TLS connection to a checked address of an intercepted host; None when refused (answered)."""
+        assert self.injection is not None
+        upstream = await self._open(client, verdict)
+        if upstream is None:
+            return None
+        try:
+            with anyio.fail_after(self._connect_timeout_seconds):
+                return await TLSStream.wrap(upstream, hostname=verdict.host, ssl_context=self.injection.upstream_tls,
+                                            standard_compatible=False)
+        except (TimeoutError, ssl.SSLError, anyio.EndOfStream, *_STREAM_ERRORS) as exc:
+            with anyio.CancelScope(shield=True):
+                await upstream.aclose()
+            detail = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else type(exc).__name__
+            self._refused(RefusalReason.UPSTREAM_TLS, verdict.host, verdict.port,
+                          f"the upstream's TLS failed ({detail})")
+            await answer(client, 502, f"{verdict.host}:{verdict.port}: TLS to the upstream failed ({detail})")
+            return None
 
     async def _checked_hello(self, client: anyio.abc.ByteStream, request: ProxyRequest,
                              buffered: bytes) -> bytes | None:
@@ -408,3 +553,26 @@ def _sni_problem(hello: ClientHello, host: str) -> RefusalReason | None:
     if hello.server_name.lower().removesuffix(".") != host:
         return RefusalReason.SNI_MISMATCH
     return None
+
+
+class _Replayed(anyio.abc.ByteStream):
+    """A stream whose first bytes are ones already read from it (the checked ClientHello)."""
+
+    def __init__(self, stream: anyio.abc.ByteStream, first: bytes) -> None:
+        self._stream = stream
+        self._first = first
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        if self._first:
+            data, self._first = self._first[:max_bytes], self._first[max_bytes:]
+            return data
+        return await self._stream.receive(max_bytes)
+
+    async def send(self, item: bytes) -> None:
+        await self._stream.send(item)
+
+    async def send_eof(self) -> None:
+        await self._stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 import anyio
@@ -28,8 +28,8 @@ import h11
 from .allowlist import normalise_host, parse_port, split_host_port
 
 __all__ = ["AmbiguousFraming", "BadRequest", "ClientGone", "Exchange", "HeadTooLarge", "HostMismatch",
-           "MAX_HEAD_BYTES", "MAX_HEADERS", "ProxyRequest", "UpstreamFailed", "answer", "parse_request", "read_head",
-           "receive_some"]
+           "MAX_HEAD_BYTES", "MAX_HEADERS", "ProxyRequest", "UpstreamFailed", "answer", "parse_request",
+           "parse_tunnelled", "read_head", "receive_some"]
 
 MAX_HEAD_BYTES = 16384
 MAX_HEADERS = 100
@@ -121,14 +121,41 @@ def parse_request(head: bytes, *, max_head_bytes: int = MAX_HEAD_BYTES,
     lines = head.decode("latin-1").split("\r\n")
     if len(lines) - 1 > max_headers:
         raise HeadTooLarge("too many header fields")
+    method, target, minor, fields = _request_parts(lines)
+    if method == "CONNECT":
+        return _connect(target)
+    return _absolute(method, target, f"1.{minor}", fields)
+
+
+def parse_tunnelled(head: bytes, host: str, port: int, *, max_head_bytes: int = MAX_HEAD_BYTES,
+                    max_headers: int = MAX_HEADERS) -> ProxyRequest:
+    """Parse and check a request head read inside a terminated TLS tunnel to `host:port` (canonical).
+
+    The target must be origin-form (`/path`), the Host header must name `host` (and `port`, if it
+    gives one; filled in when missing), the framing unambiguous. Total, like `parse_request`.
+    """
+    if len(head) > max_head_bytes:
+        raise HeadTooLarge("request head too large", host=host, port=port)
+    lines = head.decode("latin-1").split("\r\n")
+    if len(lines) - 1 > max_headers:
+        raise HeadTooLarge("too many header fields", host=host, port=port)
+    method, target, minor, fields = _request_parts(lines)
+    if method == "CONNECT" or not target.startswith("/"):
+        raise BadRequest("only origin-form requests are served inside a tunnel", host=host, port=port)
+    version = f"1.{minor}"
+    sent = _host_field(fields, host, port)
+    _check_framing(fields, version, host, port)
+    rest = tuple((name, value) for name, value in fields if name.lower() != "host")
+    authority = host if port == 443 else f"{host}:{port}"
+    return ProxyRequest(method, host, port, target, version, (("Host", sent or authority), *rest))
+
+
+def _request_parts(lines: list[str]) -> tuple[str, str, str, Fields]:
     request_line = _REQUEST_LINE.fullmatch(lines[0])
     if request_line is None:
         raise BadRequest("malformed request line")
     method, target, minor = request_line.groups()
-    fields = tuple(_field(line) for line in lines[1:])
-    if method == "CONNECT":
-        return _connect(target)
-    return _absolute(method, target, f"1.{minor}", fields)
+    return method, target, minor, tuple(_field(line) for line in lines[1:])
 
 
 def _field(line: str) -> tuple[str, str]:
@@ -264,9 +291,14 @@ class Exchange:
     """
 
     def __init__(self, client: anyio.abc.ByteStream, request: ProxyRequest, buffered: bytes, *,
-                 max_head_bytes: int = MAX_HEAD_BYTES) -> None:
+                 max_head_bytes: int = MAX_HEAD_BYTES, outgoing: Fields | None = None,
+                 redact: tuple[bytes, ...] = ()) -> None:
         self.client = client
         self.request = request
+        # What the upstream gets instead of the client's fields (a credential injected), and the
+        # values no response header may carry back to the client.
+        self._outgoing = outgoing
+        self._redact = redact
         self._error: Exception | None = None
         self._server = h11.Connection(h11.SERVER, max_incomplete_event_size=2 * max_head_bytes)
         self._server.receive_data(request.client_head + buffered)
@@ -292,7 +324,8 @@ class Exchange:
     async def relay(self, upstream: anyio.abc.ByteStream) -> None:
         """Send the request to `upstream`, its response back; raises BadRequest, ClientGone or UpstreamFailed."""
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
-        await _send(upstream, conn, self.request.upstream_request(), UpstreamFailed)
+        request = self.request if self._outgoing is None else replace(self.request, fields=self._outgoing)
+        await _send(upstream, conn, request.upstream_request(), UpstreamFailed)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._guarded, self._body_out, upstream, conn, tg.cancel_scope)
             await self._guarded(self._response_back, upstream, conn, tg.cancel_scope)
@@ -327,10 +360,11 @@ class Exchange:
             event = await _next_event(conn, upstream, UpstreamFailed, lambda: UpstreamFailed("not HTTP/1.x"))
             out: h11.Response | h11.InformationalResponse | h11.Data | h11.EndOfMessage
             if isinstance(event, h11.Response):
-                out = h11.Response(status_code=event.status_code, headers=_end_to_end(event), reason=event.reason)
+                out = h11.Response(status_code=event.status_code, headers=_end_to_end(event, self._redact),
+                                   reason=event.reason)
             elif isinstance(event, h11.InformationalResponse):
-                out = h11.InformationalResponse(status_code=event.status_code, headers=_end_to_end(event),
-                                                reason=event.reason)
+                out = h11.InformationalResponse(status_code=event.status_code,
+                                                headers=_end_to_end(event, self._redact), reason=event.reason)
             elif isinstance(event, h11.Data):
                 out = h11.Data(data=event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -342,14 +376,19 @@ class Exchange:
                 return
 
 
-def _end_to_end(event: h11.Response | h11.InformationalResponse) -> list[tuple[bytes, bytes]]:
-    """A response's fields without hop-by-hop ones and without its framing, which h11 writes afresh."""
+def _end_to_end(event: h11.Response | h11.InformationalResponse,
+                redact: tuple[bytes, ...] = ()) -> list[tuple[bytes, bytes]]:
+    """A response's fields without hop-by-hop ones and without its framing, which h11 writes afresh.
+
+    A field whose value holds one of `redact` (an injected credential echoed back) is dropped.
+    """
     headers = event.headers
     listed = {token.strip().lower() for name, value in headers if name == b"connection" for token in value.split(b",")}
     dropped = {name.encode() for name in _HOP_BY_HOP} | listed | {b"transfer-encoding"}
     if any(name == b"transfer-encoding" for name, _ in headers):
         dropped.add(b"content-length")  # chunked wins (RFC 9112 6.3); h11 has already read it so
-    return [(raw, value) for raw, value in headers.raw_items() if raw.lower() not in dropped]
+    return [(raw, value) for raw, value in headers.raw_items()
+            if raw.lower() not in dropped and not any(secret in value for secret in redact if secret)]
 
 
 async def _next_event(conn: h11.Connection, stream: anyio.abc.ByteStream, gone: type[Exception],
