@@ -77,7 +77,8 @@ class Harness:
             "SANDBOXD_MAX_IDLE_SECONDS": "5",
             "SANDBOXD_ALLOW_INSECURE_HTTP": "true",
         }
-        for name in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH"):
+        # PYTHONPATH: a checkout's own tree (a git worktree beside the installed one) is what runs.
+        for name in ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "PYTHONPATH"):
             if name in os.environ:
                 env[name] = os.environ[name]
         env.update(overrides)

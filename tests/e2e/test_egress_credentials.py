@@ -1,0 +1,162 @@
+"""A credential that never enters the sandbox, under runc and under gVisor.
+
+A loopback HTTPS service with a certificate from a test CA (which only the daemon is told to trust)
+stands for a private API. The daemon has a rule for it; the sandbox has only a placeholder in
+API_TOKEN and the proxy's CA in its bundle. A tool's curl with the placeholder reaches the service,
+which sees the real token; the same placeholder to a host without the rule (tunnelled untouched)
+or over plain HTTP carries nothing; and a scan of the sandbox's environment, files and readable
+process memory finds no real value.
+"""
+
+from __future__ import annotations
+
+import http.server
+import re
+import secrets
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandboxd.controlplane.scenario import Expect, ScriptedSession, ToolStep
+from tests.e2e.conftest import Harness
+from tests.integration.tls_service import ServiceCa, TlsService, make_test_ca, serve_tls
+
+# Run by a tool, with the needle reversed in its source so that only this process holds it whole:
+# every other process's readable environ and memory, and the files where a sandbox keeps things.
+SCAN = r'''
+import os
+needle = "{reversed}"[::-1].encode()
+me, found = str(os.getpid()), []
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if pid == me:
+        continue
+    for name in ("environ", "cmdline", "mem"):
+        try:
+            if name == "mem":
+                data = b""
+                for line in open(f"/proc/{{pid}}/maps"):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    if "r" in line.split()[1] and hi - lo < 64 << 20:
+                        with open(f"/proc/{{pid}}/mem", "rb") as mem:
+                            try:
+                                mem.seek(lo); data += mem.read(hi - lo)
+                            except (OSError, OverflowError, ValueError): pass
+            else:
+                data = open(f"/proc/{{pid}}/{{name}}", "rb").read()
+        except OSError:
+            continue
+        if needle in data:
+            found.append(f"{{pid}}/{{name}}")
+files = 0
+for top in ("/workspace", "/tmp", "/run", "/etc", "/home", "/var", "/root", "/opt"):
+    for root, dirs, names in os.walk(top):
+        for n in names:
+            path = os.path.join(root, n)
+            try:
+                if os.path.islink(path) or os.path.getsize(path) > 32 << 20:
+                    continue
+                with open(path, "rb") as f:
+                    files += 1
+                    if needle in f.read():
+                        found.append(path)
+            except OSError:
+                pass
+print("FILES", files > 100, "FOUND", len(found), found)
+'''
+
+
+class _Plain(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.server.hits += 1  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", "5")
+        self.end_headers()
+        self.wfile.write(b"plain")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def plain() -> Iterator[http.server.ThreadingHTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Plain)
+    server.hits = 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def service_ca(tmp_path: Path) -> ServiceCa:
+    return make_test_ca(tmp_path / "service-ca")
+
+
+@pytest.fixture
+def service(service_ca: ServiceCa) -> Iterator[TlsService]:
+    with serve_tls(service_ca) as server:
+        yield server
+
+
+@pytest.fixture
+def other(service_ca: ServiceCa) -> Iterator[TlsService]:
+    with serve_tls(service_ca) as server:
+        yield server
+
+
+def _bash(command: str, **expect: Any) -> ToolStep:
+    return ToolStep(name="bash", input={"command": command}, expect=Expect(**expect))
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+def test_a_placeholder_reaches_the_service_as_the_real_token(harness: Harness, service_ca: ServiceCa,
+                                                             service: TlsService, other: TlsService, plain: Any,
+                                                             runtime: str) -> None:
+    secret = "e2e-" + secrets.token_hex(16)
+    secret_file = harness.tmp / "api-token"
+    secret_file.write_text(secret + "\n")
+    secret_file.chmod(0o600)
+    port, other_port, plain_port = service.port, other.port, plain.server_address[1]
+    curl = "env -u NO_PROXY -u no_proxy curl -s -S --max-time 20 -o - -w ' status=%{http_code}'"
+    steps = [
+        _bash('case "$API_TOKEN" in sandboxd-credential-api-*) echo PH-OK;; esac; '
+              'test "$CURL_CA_BUNDLE" = /run/sandboxd/ca-bundle.pem && test -r "$SSL_CERT_FILE" && echo CA-OK',
+              contains=["PH-OK", "CA-OK"]),
+        _bash(f'{curl} -H "Authorization: Bearer $API_TOKEN" https://localhost:{port}/private -D -',
+              contains=['"path": "/private"', "status=200"], not_contains=["X-Seen-Authorization"]),
+        # A host without the rule: tunnelled end to end (its certificate is the test CA's, hence -k here).
+        _bash(f'{curl} -k -H "Authorization: Bearer $API_TOKEN" https://127.0.0.1:{other_port}/other',
+              contains=["status=200"]),
+        # Plain HTTP never carries a credential: to the rule's host and to any other, refused.
+        _bash(f'{curl} -H "Authorization: Bearer $API_TOKEN" http://localhost:{port}/plain',
+              contains=["status=403"]),
+        _bash(f'{curl} -u "git:$API_TOKEN" http://localhost:{plain_port}/plain', contains=["status=403"]),
+        _bash(f"python3 - <<'EOF'\n{SCAN.format(reversed=secret[::-1])}\nEOF",
+              contains=["FILES True FOUND 0 []"]),
+    ]
+    session = harness.control_plane.add_session(ScriptedSession(steps=steps))
+    env = {
+        "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{port}", "127.0.0.1:{other_port}", "localhost:{plain_port}"]',
+        "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "api", "host": "localhost", "port": {port}, '
+                                       f'"secret_file": "{secret_file}", "placeholder_env": "API_TOKEN"}}]',
+        "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
+    }
+    if runtime != "runc":
+        env["SANDBOXD_RUNTIME"] = runtime
+    run = harness.drain(env=env)
+
+    assert run.returncode == 0, run.output[-5000:]
+    results = harness.control_plane.state_snapshot()["sessions"][session.session_id]["results"]
+    assert [r["passed"] for r in results] == [True] * len(steps), [r["text"] for r in results]
+    assert [(s.path, s.headers.get("authorization")) for s in service.seen] == [("/private", f"Bearer {secret}")]
+    (seen_other,) = other.seen
+    assert seen_other.headers["authorization"].startswith("Bearer sandboxd-credential-api-")
+    assert plain.hits == 0
+    assert re.search(r"egress_credential_injected host=localhost rule=api sandbox=\S+ session=sesn_", run.output)
+    assert "reason=placeholder" in run.output
+    assert secret not in run.output
+    assert harness.leftovers() == {"containers": [], "volumes": []}
