@@ -5,7 +5,8 @@ stands for a private API. The daemon has a rule for it; the sandbox has only a p
 API_TOKEN and the proxy's CA in its bundle. A tool's curl with the placeholder reaches the service,
 which sees the real token; the same placeholder to a host without the rule (tunnelled untouched)
 or over plain HTTP carries nothing; and a scan of the sandbox's environment, files and readable
-process memory finds no real value.
+process memory finds no real value. A session's git clones and pushes a private repository over
+HTTPS with the placeholder as its password.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import pytest
 
 from sandboxd.controlplane.scenario import Expect, ScriptedSession, ToolStep
 from tests.e2e.conftest import Harness
-from tests.integration.tls_service import ServiceCa, TlsService, make_test_ca, serve_tls
+from tests.integration.git_server import git
+from tests.integration.test_egress_credentials import seed_repository
+from tests.integration.tls_service import ServiceCa, TlsGitServer, TlsService, make_test_ca, serve_tls
 
 # Run by a tool, with the needle reversed in its source so that only this process holds it whole:
 # every other process's readable environ and memory, and the files where a sandbox keeps things.
@@ -159,4 +162,43 @@ def test_a_placeholder_reaches_the_service_as_the_real_token(harness: Harness, s
     assert re.search(r"egress_credential_injected host=localhost rule=api sandbox=\S+ session=sesn_", run.output)
     assert "reason=placeholder" in run.output
     assert secret not in run.output
+    assert harness.leftovers() == {"containers": [], "volumes": []}
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+def test_git_clones_and_pushes_with_a_placeholder(harness: Harness, service_ca: ServiceCa, runtime: str) -> None:
+    root = harness.tmp / "git-root"
+    bare = seed_repository(root, harness.tmp)
+    with TlsGitServer(root, ca=service_ca) as server:
+        token_file = harness.tmp / "git-token"
+        token_file.write_text(server.token + "\n")
+        url = f"https://x-access-token:$GIT_TOKEN@localhost:{server.port}/private/repo.git"
+        git_cmd = "env -u NO_PROXY -u no_proxy GIT_TERMINAL_PROMPT=0 git -c user.name=t -c user.email=t@example.invalid"
+        steps = [
+            _bash(f'cd /tmp && {git_cmd} clone -q "{url}" repo && cat repo/README && echo CLONED',
+                  contains=["seed", "CLONED"]),
+            _bash(f"cd /tmp/repo && echo pushed > pushed.txt && {git_cmd} add pushed.txt && "
+                  f"{git_cmd} commit -q -m pushed && {git_cmd} push -q origin HEAD:main && echo PUSHED",
+                  contains=["PUSHED"]),
+        ]
+        session = harness.control_plane.add_session(ScriptedSession(steps=steps))
+        env = {
+            "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{server.port}"]',
+            "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "git", "host": "localhost", "port": {server.port}, '
+                                           f'"format": "basic", "secret_file": "{token_file}", '
+                                           f'"placeholder_env": "GIT_TOKEN"}}]',
+            "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
+        }
+        if runtime != "runc":
+            env["SANDBOXD_RUNTIME"] = runtime
+        run = harness.drain(env=env)
+        requests = list(server.requests)
+
+    assert run.returncode == 0, run.output[-5000:]
+    results = harness.control_plane.state_snapshot()["sessions"][session.session_id]["results"]
+    assert [r["passed"] for r in results] == [True] * len(steps), [r["text"] for r in results]
+    assert git("log", "-1", "--format=%s", "main", cwd=bare) == "pushed"
+    assert "sandboxd-credential" not in str(requests)
+    assert any(r.path.endswith("git-receive-pack") and r.headers.get("Authorization") for r in requests)
+    assert server.token not in run.output
     assert harness.leftovers() == {"containers": [], "volumes": []}

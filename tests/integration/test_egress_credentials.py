@@ -11,6 +11,7 @@ import base64
 import os
 import ssl
 import stat
+import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -30,8 +31,10 @@ from sandboxd.network.channels import CA_BUNDLE, CA_VARIABLES, Channels, Sandbox
 from sandboxd.network.credentials import CredentialRule, Credentials
 from sandboxd.network.egress import EgressProxy, Injection, RefusalReason
 from sandboxd.network.relay import relay
+from tests.integration.git_server import GIT_ENV, git
 from tests.integration.test_broker import make_socket_dir, port_of, serve_api
-from tests.integration.tls_service import ServiceCa, TlsService, make_test_ca, serve_tls
+from tests.integration.test_egress_proxy import build_index
+from tests.integration.tls_service import ServiceCa, TlsGitServer, TlsService, make_test_ca, serve_index, serve_tls
 
 pytestmark = pytest.mark.anyio
 
@@ -84,19 +87,23 @@ class Running:
 
 
 @asynccontextmanager
-async def proxy(setup: Setup, *, trust_service: bool = True, basic: bool = False) -> AsyncIterator[Running]:
+async def proxy(setup: Setup, *, trust_service: bool = True, basic: bool = False,
+                only: list[CredentialRule] | None = None) -> AsyncIterator[Running]:
     egress_dir = setup.tmp / "egress"
     authority = CertificateAuthority.load_or_create(egress_dir)
     chosen = rules(setup)
     if basic:
         chosen = [CredentialRule.parse(name="git", host="localhost", port=setup.service.port, header="Authorization",
                                        format="basic", secret_file=setup.secret_file, placeholder_env="GIT_TOKEN")]
+    if only is not None:
+        chosen = only
     credentials = Credentials(chosen, Credentials.load_key(egress_dir))
     injected: list[str] = []
     refusals: list[RefusalReason] = []
     injection = Injection(credentials, authority, upstream_context(setup.ca.cert_file if trust_service else None),
                           on_injected=injected.append)
-    allowed = [f"localhost:{setup.service.port}", f"127.0.0.1:{setup.other.port}"]
+    allowed = [f"localhost:{setup.service.port}", f"127.0.0.1:{setup.other.port}",
+               *(f"localhost:{rule.port}" for rule in chosen)]
     egress = EgressProxy(EgressPolicy(allowed), tcp_port=0, on_refused=refusals.append, injection=injection)
     bundle = setup.tmp / "bundle.pem"
     bundle.write_bytes(authority.cert_pem)
@@ -348,3 +355,68 @@ async def via_unix_socket(sock: Path, url: str, bundle: Path, header: str) -> No
         assert result.returncode == 0, result.stderr
         tg.cancel_scope.cancel()
 
+
+
+def seed_repository(root: Path, scratch: Path) -> Path:
+    """A bare repository `private/repo.git` under `root` with one commit on main."""
+    bare = root / "private" / "repo.git"
+    git("init", "-q", "--bare", str(bare))
+    git("clone", "-q", str(bare), str(scratch / "seed"))
+    (scratch / "seed" / "README").write_text("seed\n")
+    git("add", "README", cwd=scratch / "seed")
+    git("commit", "-q", "-m", "seed", cwd=scratch / "seed")
+    git("push", "-q", "origin", "HEAD:main", cwd=scratch / "seed")
+    return bare
+
+
+async def test_git_clones_and_pushes_with_its_placeholder_over_https(setup: Setup) -> None:
+    root = setup.tmp / "git-root"
+    bare = seed_repository(root, setup.tmp)
+    with TlsGitServer(root, ca=setup.ca) as server:
+        token_file = setup.tmp / "git-token"
+        token_file.write_text(server.token)
+        rule = CredentialRule.parse(name="git", host="localhost", port=server.port, header="Authorization",
+                                    format="basic", secret_file=token_file, placeholder_env="GIT_TOKEN")
+        async with proxy(setup, only=[rule]) as running:
+            env = {**CLEAN_ENV, **GIT_ENV, "HTTPS_PROXY": running.url, "GIT_SSL_CAINFO": str(running.bundle),
+                   "GIT_TERMINAL_PROMPT": "0"}
+            url = f"https://x-access-token:{running.placeholder('git')}@localhost:{server.port}/private/repo.git"
+            work = setup.tmp / "work"
+            clone = await anyio.run_process(["git", "clone", "-q", url, str(work)], check=False, env=env)
+            assert clone.returncode == 0, clone.stderr
+            (work / "pushed.txt").write_text("from the sandbox\n")
+            for args in (["add", "pushed.txt"], ["commit", "-q", "-m", "pushed"],
+                         ["push", "-q", "origin", "HEAD:main"]):
+                done = await anyio.run_process(["git", *args], cwd=work, check=False, env=env)
+                assert done.returncode == 0, done.stderr
+        requests = server.requests
+    assert git("log", "-1", "--format=%s", "main", cwd=bare) == "pushed"
+    expected = "Basic " + base64.b64encode(f"x-access-token:{server.token}".encode()).decode()
+    sent = {r.headers.get("Authorization") for r in requests}
+    assert sent <= {None, expected} and expected in sent
+    assert any(r.path.endswith("git-receive-pack") and r.method == "POST" for r in requests)
+    assert "sandboxd-credential" not in str(requests)
+    assert running.injected and set(running.injected) == {"git"}
+
+
+async def test_pip_downloads_from_a_private_index_with_its_placeholder(setup: Setup) -> None:
+    root = setup.tmp / "index"
+    build_index(root)
+    with serve_index(root, setup.ca, SECRET) as index:
+        port = int(index.server_address[1])
+        rule = CredentialRule.parse(name="index", host="localhost", port=port, header="Authorization",
+                                    format="basic", secret_file=setup.secret_file, placeholder_env="PIP_PASSWORD")
+        async with proxy(setup, only=[rule]) as running:
+            out = setup.tmp / "out"
+            done = await anyio.run_process(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "--disable-pip-version-check",
+                 "--isolated", "--retries", "0", "--timeout", "20", "--proxy", running.url, "--cert",
+                 str(running.bundle), "--index-url",
+                 f"https://user:{running.placeholder('index')}@localhost:{port}/simple/", "-d", str(out), "tinypkg"],
+                check=False, env=CLEAN_ENV)
+            assert done.returncode == 0, done.stdout + done.stderr
+        seen = list(index.seen)
+    assert [p.name for p in out.iterdir()] == ["tinypkg-1.0-py3-none-any.whl"]
+    expected = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
+    assert seen.count(expected) >= 2  # the page and the wheel
+    assert set(running.injected) == {"index"}

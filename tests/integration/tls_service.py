@@ -8,7 +8,9 @@ way back. The test CA is made here, with `cryptography`, and only the proxy is t
 
 from __future__ import annotations
 
+import base64
 import datetime
+import functools
 import ipaddress
 import json
 import ssl
@@ -16,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.integration.git_server import GitHttpServer, _GitHandler, _GitServerImpl
 
 
 @dataclass
@@ -119,6 +123,72 @@ def serve_tls(ca: ServiceCa, host: str = "127.0.0.1") -> Iterator[TlsService]:
     server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, name="tls-service", daemon=True)
     thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@dataclass
+class TlsGitServer(GitHttpServer):
+    """The fixture git server (`git http-backend`; `/private/` needs Basic x-access-token:token) over HTTPS."""
+
+    ca: ServiceCa | None = None
+
+    def __enter__(self) -> TlsGitServer:
+        assert self.ca is not None
+        server = _GitServerImpl(("127.0.0.1", 0), _GitHandler)
+        server.root, server.token, server.requests = self.root, self.token, []
+        server.latency_seconds, server.bytes_per_second = self.latency_seconds, self.bytes_per_second
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.ca.server_pem))
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._serve(server, "git-https")
+        return self
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.server_address[1])
+
+
+class _IndexHandler(SimpleHTTPRequestHandler):
+    """A PEP 503 index that wants Basic `user:<the server's password>`, as a private registry does."""
+
+    server: _Index
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+    def do_GET(self) -> None:
+        sent = self.headers.get("Authorization")
+        self.server.seen.append(sent)
+        expected = "Basic " + base64.b64encode(f"user:{self.server.password}".encode()).decode()
+        if sent != expected:
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="index"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
+
+
+class _Index(ThreadingHTTPServer):
+    daemon_threads = True
+    password: str
+    seen: list[str | None]
+
+
+@contextmanager
+def serve_index(root: Path, ca: ServiceCa, password: str) -> Iterator[_Index]:
+    """The files under `root` over HTTPS on 127.0.0.1 (any port), for Basic `user:password` only."""
+    server = _Index(("127.0.0.1", 0), functools.partial(_IndexHandler, directory=str(root)))
+    server.password, server.seen = password, []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(ca.server_pem))
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, name="index-https", daemon=True).start()
     try:
         yield server
     finally:
