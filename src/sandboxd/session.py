@@ -28,6 +28,7 @@ from .lifecycle import Lifecycle, Tracked, first_of
 from .logs import redacting
 from .metrics import Metrics
 from .network.broker import Grant, placeholder_for, placeholder_secret
+from .network.credentials import opted_in
 from .outcome import Outcome
 from .protocol import Assignment, abort_line, sessions_token_from_secret, workspace_ready_line
 from .queue import WorkQueue
@@ -155,14 +156,15 @@ class SessionSupervisor:
             return None
         plans: list[WorkspacePlan | None] = []
         images: list[str | None] = []
+        opt_in: list[frozenset[str]] = []  # the opt-in credential rules the session's metadata asks for
         if self._images.per_session:
             # The session may name its image: read that first (no container starts for a refused one).
-            await self._plan_into(item, settlement, plans, images)
+            await self._plan_into(item, settlement, plans, images, opt_in)
             if settlement.outcome is not None:
                 return None
         async with anyio.create_task_group() as tg:
             if not plans:
-                tg.start_soon(self._plan_into, item, settlement, plans, images, name=f"plan for {item.id}")
+                tg.start_soon(self._plan_into, item, settlement, plans, images, opt_in, name=f"plan for {item.id}")
             try:
                 tracked = await self._lifecycle.acquire(images[0] if images else None)
             except LaunchError as exc:
@@ -179,13 +181,18 @@ class SessionSupervisor:
                 with anyio.CancelScope(shield=True):
                     await self._lifecycle.remove(tracked)  # never assigned: it holds nothing
                 raise
+        if tracked.door is not None and opt_in and opt_in[0]:  # before its tools run (the workspace comes first)
+            tracked.door.credential_opt_in = opt_in[0]
+            log.info("egress_credentials_opt_in session_id=%s rules=%s", item.data.id, ",".join(sorted(opt_in[0])))
         return tracked, plans[0] if plans else None
 
-    async def _plan_into(self, item: BetaSelfHostedWork, settlement: Settlement,
-                         into: list[WorkspacePlan | None], image_into: list[str | None]) -> None:
-        """The session's workspace plan and image from its metadata; None (outcome recorded) for a bad one."""
+    async def _plan_into(self, item: BetaSelfHostedWork, settlement: Settlement, into: list[WorkspacePlan | None],
+                         image_into: list[str | None], opt_in_into: list[frozenset[str]]) -> None:
+        """The session's workspace plan, image and credential opt-ins from its metadata; None (outcome recorded)
+        for a bad one."""
         try:
             metadata = await self._queue.session_metadata(item)
+            opt_in_into.append(opted_in(metadata))
             image_into.append(self._images.choose(metadata))
             into.append(self._workspaces.plan(metadata))
             return

@@ -52,6 +52,10 @@ class EgressCredential(BaseModel):
     secret_file: Path = Field(description="The file holding the real value (a systemd credential, a mounted "
                               "Kubernetes Secret key), read at each use.")
     placeholder_env: str = Field(description="The environment variable in which sandboxes see their placeholder.")
+    session_opt_in: bool = Field(
+        False, description="Inject only for sessions whose metadata names this rule (egress_credentials = "
+        "\"name,...\"); else for every session.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> EgressCredential:
@@ -61,7 +65,7 @@ class EgressCredential(BaseModel):
     def rule(self) -> CredentialRule:
         return CredentialRule.parse(name=self.name, host=self.host, port=self.port, header=self.header,
                                     format=self.format, secret_file=self.secret_file,
-                                    placeholder_env=self.placeholder_env)
+                                    placeholder_env=self.placeholder_env, session_opt_in=self.session_opt_in)
 
 
 class Settings(BaseSettings):

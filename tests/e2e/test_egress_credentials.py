@@ -202,3 +202,36 @@ def test_git_clones_and_pushes_with_a_placeholder(harness: Harness, service_ca: 
     assert any(r.path.endswith("git-receive-pack") and r.headers.get("Authorization") for r in requests)
     assert server.token not in run.output
     assert harness.leftovers() == {"containers": [], "volumes": []}
+
+
+def test_an_opt_in_rule_applies_only_to_the_session_that_asks(harness: Harness, service_ca: ServiceCa,
+                                                               service: TlsService) -> None:
+    secret = "opt-in-" + secrets.token_hex(16)
+    secret_file = harness.tmp / "api-token"
+    secret_file.write_text(secret + "\n")
+    curl = "env -u NO_PROXY -u no_proxy curl -s -S --max-time 20 -o - -w ' status=%{http_code}'"
+    url = f"https://localhost:{service.port}"
+    cp = harness.control_plane
+    asking = cp.add_session(ScriptedSession(metadata={"egress_credentials": "api"}, steps=[
+        _bash(f'{curl} -H "Authorization: Bearer $API_TOKEN" {url}/asked', contains=["status=200"])]))
+    # Not asked: a plain tunnel to the service (its own certificate, hence -k), the placeholder untouched.
+    other = cp.add_session(ScriptedSession(steps=[
+        _bash(f'{curl} -k -H "Authorization: Bearer $API_TOKEN" {url}/not-asked', contains=["status=200"])]))
+    env = {
+        "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{service.port}"]',
+        "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "api", "host": "localhost", "port": {service.port}, '
+                                       f'"secret_file": "{secret_file}", "placeholder_env": "API_TOKEN", '
+                                       f'"session_opt_in": true}}]',
+        "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
+    }
+    run = harness.drain(env=env)
+
+    assert run.returncode == 0, run.output[-5000:]
+    sessions = cp.state_snapshot()["sessions"]
+    for session in (asking, other):
+        assert [r["passed"] for r in sessions[session.session_id]["results"]] == [True]
+    seen = {s.path: s.headers["authorization"] for s in service.seen}
+    assert seen["/asked"] == f"Bearer {secret}"
+    assert seen["/not-asked"].startswith("Bearer sandboxd-credential-api-")
+    assert f"egress_credentials_opt_in session_id={asking.session_id} rules=api" in run.output
+    assert harness.leftovers() == {"containers": [], "volumes": []}

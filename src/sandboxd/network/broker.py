@@ -86,6 +86,8 @@ class Door:
     grant: Grant | None = None
     observe: Callable[[Traffic], None] = lambda traffic: None
     log_budget: LogBudget = field(default_factory=LogBudget)  # its refusals in the daemon's log
+    # The opt-in credential rules its session asked for (its metadata), set before its tools run.
+    credential_opt_in: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

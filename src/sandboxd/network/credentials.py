@@ -23,7 +23,7 @@ import hmac
 import os
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -31,6 +31,8 @@ from pathlib import Path
 from .allowlist import is_ip_literal, normalise_host
 
 PLACEHOLDER_PREFIX = "sandboxd-credential-"
+OPT_IN_METADATA_KEY = "egress_credentials"  # a session's metadata: the opt-in rules it asks for, comma-separated
+_MAX_OPT_IN = 32
 MAX_SECRET_BYTES = 8192
 RULE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -71,10 +73,11 @@ class CredentialRule:
     format: CredentialFormat
     secret_file: Path
     placeholder_env: str
+    session_opt_in: bool = False  # applies only to sessions whose metadata names it (`opted_in`)
 
     @classmethod
     def parse(cls, *, name: str, host: str, port: int, header: str, format: str, secret_file: Path,
-              placeholder_env: str) -> CredentialRule:
+              placeholder_env: str, session_opt_in: bool = False) -> CredentialRule:
         """A rule from its settings; ValueError naming what is wrong."""
         if not RULE_NAME.fullmatch(name):
             raise ValueError(f"rule name {name!r}: 1-32 of a-z 0-9 _ - (it is a metric label)")
@@ -88,7 +91,8 @@ class CredentialRule:
             raise ValueError(f"rule {name}: header {header!r} cannot carry a credential")
         if not ENV_NAME.fullmatch(placeholder_env) or _RESERVED_ENV.fullmatch(placeholder_env):
             raise ValueError(f"rule {name}: placeholder_env {placeholder_env!r} is not a free variable name")
-        return cls(name, canonical, wildcard, port, header, CredentialFormat(format), secret_file, placeholder_env)
+        return cls(name, canonical, wildcard, port, header, CredentialFormat(format), secret_file, placeholder_env,
+                   session_opt_in)
 
     def matches(self, host: str, port: int) -> bool:
         if port != self.port:
@@ -149,6 +153,13 @@ def _basic_user(value: str, placeholder: str) -> str | None:
     return user
 
 
+def opted_in(metadata: Mapping[str, str]) -> frozenset[str]:
+    """The rule names a session's metadata asks for (`egress_credentials = "github,index"`); bounded, never raises."""
+    raw = metadata.get(OPT_IN_METADATA_KEY) or ""
+    names = [name.strip() for name in raw[:1024].split(",")]
+    return frozenset(name for name in names[:_MAX_OPT_IN] if RULE_NAME.fullmatch(name))
+
+
 def carries_placeholder(text: str) -> bool:
     """Whether a header value or target shows a placeholder (plainly, or inside Basic credentials)."""
     if PLACEHOLDER_PREFIX in text.lower():
@@ -206,8 +217,10 @@ class Credentials:
     def sandbox_env(self, sandbox: str) -> dict[str, str]:
         return {rule.placeholder_env: self.placeholder(sandbox, rule.name) for rule in self.rules}
 
-    def rules_for(self, host: str, port: int) -> tuple[CredentialRule, ...]:
-        return tuple(rule for rule in self.rules if rule.matches(host, port))
+    def rules_for(self, host: str, port: int, opt_in: frozenset[str] = frozenset()) -> tuple[CredentialRule, ...]:
+        """The rules for `host:port`: those of every session, and the opt-in ones the session asked for."""
+        return tuple(rule for rule in self.rules
+                     if rule.matches(host, port) and (not rule.session_opt_in or rule.name in opt_in))
 
     def rewrite(self, fields: Sequence[tuple[str, str]], target: str, rules: Sequence[CredentialRule],
                 sandbox: str) -> Rewritten:

@@ -356,7 +356,8 @@ class EgressProxy:
                       door: Door | None) -> None:
         """A CONNECT: decided and connected; to a name, the ClientHello is checked before any byte goes up."""
         verdict = await self._decide(client, request)
-        rules = self.injection.credentials.rules_for(request.host, request.port) if self.injection else ()
+        opt_in = door.credential_opt_in if door is not None else frozenset()
+        rules = self.injection.credentials.rules_for(request.host, request.port, opt_in) if self.injection else ()
         if verdict is not None and rules:
             await client.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
             checked = await self._checked_hello(client, request, buffered)
