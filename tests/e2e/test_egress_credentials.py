@@ -127,8 +127,9 @@ def test_a_placeholder_reaches_the_service_as_the_real_token(harness: Harness, s
     curl = "env -u NO_PROXY -u no_proxy curl -s -S --max-time 20 -o - -w ' status=%{http_code}'"
     steps = [
         _bash('case "$API_TOKEN" in sandboxd-credential-api-*) echo PH-OK;; esac; '
-              'test "$CURL_CA_BUNDLE" = /run/sandboxd/ca-bundle.pem && test -r "$SSL_CERT_FILE" && echo CA-OK',
-              contains=["PH-OK", "CA-OK"]),
+              'test "$CURL_CA_BUNDLE" = /run/sandboxd/ca-bundle.pem && test -r "$SSL_CERT_FILE" && echo CA-OK; '
+              "echo KEYS $(grep -rl 'PRIVATE KEY' /run/sandboxd 2>/dev/null | wc -l)",
+              contains=["PH-OK", "CA-OK", "KEYS 0"]),
         _bash(f'{curl} -H "Authorization: Bearer $API_TOKEN" https://localhost:{port}/private -D -',
               contains=['"path": "/private"', "status=200"], not_contains=["X-Seen-Authorization"]),
         # A host without the rule: tunnelled end to end (its certificate is the test CA's, hence -k here).

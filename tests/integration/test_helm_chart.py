@@ -339,13 +339,24 @@ def test_chart_values_reach_the_daemons_settings(value_set: str, tmp_path: Path,
     for value, setting in CHART_VALUE_SETTINGS.items():
         assert getattr(settings, setting) == value_at(values, value), f"{value} -> {setting}"
     # The broker and proxy exactly when sandboxes have no network; a socket path the daemon accepts.
-    ways_out = assembly.channels(settings)
+    # (Without the credential rules: their secret files and the proxy's CA are the pod's, read at start.)
+    ways_out = assembly.channels(settings.model_copy(update={"egress_credentials": []}))
     assert (ways_out is None) == (values["networkMode"] != "none")
     store = values["workspaceStore"]
     if store["existingClaim"] or store["create"]:
         assert settings.workspace_store_dir == Path(store["mountPath"]) / "workspaces"
     else:
         assert settings.workspace_store_dir is None  # <state_dir>/workspaces, pod-local
+
+
+def test_egress_credentials_reach_the_daemon_as_mounted_files(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = daemon_settings("egress-allowlist-values", tmp_path, monkeypatch)
+    (credential,) = settings.egress_credentials
+    assert (credential.name, credential.host, credential.port, credential.format) == (
+        "git", "git.example.internal", 8443, "basic")
+    mounts = {m["mountPath"] for m in daemon_container("egress-allowlist-values")["volumeMounts"]}
+    assert str(credential.secret_file.parent) in mounts
 
 
 @value_sets
