@@ -80,6 +80,9 @@ class Channels:
             if allowed_hosts:
                 log.warning("egress_allowed_hosts_ignored network_mode=%s (the proxy needs network_mode=none)",
                             network_mode)
+            if credentials:
+                log.warning("egress_credentials_ignored network_mode=%s (the proxy needs network_mode=none)",
+                            network_mode)
             return None
         if len(str(socket_dir)) + _NAME_ROOM > _MAX_SOCKET_PATH:
             raise ConfigError(f"`socket_dir` {socket_dir} is too long for a unix socket path (max ~65 characters)")

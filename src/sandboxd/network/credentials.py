@@ -239,7 +239,7 @@ class Credentials:
         for name, value in fields:
             if name.lower() not in handled:
                 if carries_placeholder(value):
-                    raise PlaceholderMisuse(f"a placeholder in the {name} header")
+                    raise PlaceholderMisuse("a placeholder in a header that does not carry it")
                 out.append((name, value))
                 continue
             for rule in rules:
