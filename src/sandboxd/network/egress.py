@@ -16,8 +16,8 @@ connection. A CONNECT to a name carries TLS whose ClientHello names that same ho
 Every refusal is logged and reported to `on_refused` with its `RefusalReason`.
 
 Credentials (`credentials.py`): a CONNECT to a host:port with credential rules is not spliced but
-terminated, with a leaf certificate of the proxy's CA (`authority.py`) for the name the CONNECT and
-the SNI agree on. Each request inside is parsed like plain HTTP (`parse_tunnelled`: origin form,
+terminated (`interception.py`), with a leaf certificate of the proxy's CA (`authority.py`) for the
+name the CONNECT and the SNI agree on. Each request inside is parsed like plain HTTP (`parse_tunnelled`: origin form,
 Host must name that host), rewritten (this sandbox's placeholder swapped for the real value, the
 rule's header without it dropped, a placeholder elsewhere refused) and sent on its own TLS
 connection, verified against the system store (and `egress_upstream_ca_file`), to a checked
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -37,14 +36,12 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-from anyio.streams.tls import TLSStream
 
 from ..logs import log_within_budget
 from .addresses import refusal
 from .allowlist import EgressPolicy, is_ip_literal, normalise_host
-from .authority import CertificateAuthority
 from .broker import Door
-from .credentials import CredentialRule, Credentials, CredentialUnavailable, PlaceholderMisuse, carries_placeholder
+from .credentials import CredentialRule, CredentialUnavailable, PlaceholderMisuse, carries_placeholder
 from .http1 import (
     MAX_HEAD_BYTES,
     MAX_HEADERS,
@@ -62,11 +59,12 @@ from .http1 import (
     read_head,
     receive_some,
 )
+from .interception import Injection, InterceptionFailed
 from .sockets import serve_connections, splice, unix_listener
 from .tls import MAX_HELLO_BYTES, ClientHello, HelloTooLarge, NotClientHello, read_client_hello
 
-__all__ = ["BadRequest", "Decision", "EgressGate", "EgressPolicy", "EgressProxy", "ProxyRequest", "RefusalReason",
-           "Verdict", "parse_request"]
+__all__ = ["BadRequest", "Decision", "EgressGate", "EgressPolicy", "EgressProxy", "Injection", "ProxyRequest",
+           "RefusalReason", "Verdict", "parse_request"]
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +108,6 @@ class RefusalReason(StrEnum):
 _STATUS = {RefusalReason.TOO_LARGE: 431, RefusalReason.HOST_MISMATCH: 403, RefusalReason.HEADER_TIMEOUT: 408,
            RefusalReason.PLACEHOLDER: 403}
 
-
-@dataclass(frozen=True)
-class Injection:
-    """What the proxy needs to inject credentials: the rules, its CA, how upstreams are verified."""
-
-    credentials: Credentials
-    authority: CertificateAuthority
-    upstream_tls: ssl.SSLContext
-    on_injected: Callable[[str], None] | None = None  # the rule's name, once per injected request
 
 
 @dataclass(frozen=True)
@@ -382,14 +371,10 @@ class EgressProxy:
                          buffered: bytes, door: Door | None) -> None:
         """A tunnel to a host with credential rules: TLS terminated here, each request checked and rewritten."""
         assert self.injection is not None
-        context = self.injection.authority.server_context(verdict.host)
         try:
-            with anyio.fail_after(self._hello_timeout_seconds):
-                tls = await TLSStream.wrap(_Replayed(client, buffered), server_side=True, ssl_context=context,
-                                           standard_compatible=False)
-        except (TimeoutError, ssl.SSLError, anyio.EndOfStream, *_STREAM_ERRORS) as exc:
-            self._refused(RefusalReason.CLIENT_TLS, verdict.host, verdict.port,
-                          f"the TLS handshake failed ({type(exc).__name__})")
+            tls = await self.injection.accept(client, buffered, verdict.host, self._hello_timeout_seconds)
+        except InterceptionFailed as exc:
+            self._refused(RefusalReason.CLIENT_TLS, verdict.host, verdict.port, str(exc))
             return
         pending: bytes | None = b""
         first = True
@@ -435,14 +420,7 @@ class EgressProxy:
         if upstream is None:
             return None
         session = door.grant.session_id if door is not None and door.grant is not None else "-"
-        for rule in rewritten.injected:
-            log_within_budget(log, logging.INFO, "egress_credential_injected host=%s rule=%s sandbox=%s session=%s",
-                              request.host, rule, sandbox, session)
-            if self.injection.on_injected is not None:
-                self.injection.on_injected(rule)
-        if rewritten.stripped:
-            log_within_budget(log, logging.INFO, "egress_credential_stripped host=%s fields=%d sandbox=%s",
-                              request.host, rewritten.stripped, sandbox)
+        self.injection.record(rewritten, request.host, sandbox, session)
         async with upstream:
             try:
                 await exchange.relay(upstream)
@@ -465,16 +443,12 @@ class EgressProxy:
         if upstream is None:
             return None
         try:
-            with anyio.fail_after(self._connect_timeout_seconds):
-                return await TLSStream.wrap(upstream, hostname=verdict.host, ssl_context=self.injection.upstream_tls,
-                                            standard_compatible=False)
-        except (TimeoutError, ssl.SSLError, anyio.EndOfStream, *_STREAM_ERRORS) as exc:
+            return await self.injection.connect(upstream, verdict.host, self._connect_timeout_seconds)
+        except InterceptionFailed as exc:
             with anyio.CancelScope(shield=True):
                 await upstream.aclose()
-            detail = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else type(exc).__name__
-            self._refused(RefusalReason.UPSTREAM_TLS, verdict.host, verdict.port,
-                          f"the upstream's TLS failed ({detail})")
-            await answer(client, 502, f"{verdict.host}:{verdict.port}: TLS to the upstream failed ({detail})")
+            self._refused(RefusalReason.UPSTREAM_TLS, verdict.host, verdict.port, str(exc))
+            await answer(client, 502, f"{verdict.host}:{verdict.port}: {exc}")
             return None
 
     async def _checked_hello(self, client: anyio.abc.ByteStream, request: ProxyRequest,
@@ -554,26 +528,3 @@ def _sni_problem(hello: ClientHello, host: str) -> RefusalReason | None:
     if hello.server_name.lower().removesuffix(".") != host:
         return RefusalReason.SNI_MISMATCH
     return None
-
-
-class _Replayed(anyio.abc.ByteStream):
-    """A stream whose first bytes are ones already read from it (the checked ClientHello)."""
-
-    def __init__(self, stream: anyio.abc.ByteStream, first: bytes) -> None:
-        self._stream = stream
-        self._first = first
-
-    async def receive(self, max_bytes: int = 65536) -> bytes:
-        if self._first:
-            data, self._first = self._first[:max_bytes], self._first[max_bytes:]
-            return data
-        return await self._stream.receive(max_bytes)
-
-    async def send(self, item: bytes) -> None:
-        await self._stream.send(item)
-
-    async def send_eof(self) -> None:
-        await self._stream.send_eof()
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
