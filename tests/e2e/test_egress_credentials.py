@@ -11,21 +11,32 @@ HTTPS with the placeholder as its password.
 
 from __future__ import annotations
 
+import base64
 import http.server
 import re
 import secrets
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pip
 import pytest
 
 from sandboxd.controlplane.scenario import Expect, ScriptedSession, ToolStep
 from tests.e2e.conftest import Harness
 from tests.integration.git_server import git
 from tests.integration.test_egress_credentials import seed_repository
-from tests.integration.tls_service import ServiceCa, TlsGitServer, TlsService, make_test_ca, serve_tls
+from tests.integration.test_egress_proxy import build_index
+from tests.integration.tls_service import (
+    ServiceCa,
+    TlsGitServer,
+    TlsService,
+    make_test_ca,
+    serve_index,
+    serve_tls,
+)
 
 # Run by a tool, with the needle reversed in its source so that only this process holds it whole:
 # every other process's readable environ and memory, and the files where a sandbox keeps things.
@@ -235,4 +246,56 @@ def test_an_opt_in_rule_applies_only_to_the_session_that_asks(harness: Harness, 
     assert seen["/asked"] == f"Bearer {secret}"
     assert seen["/not-asked"].startswith("Bearer sandboxd-credential-api-")
     assert f"egress_credentials_opt_in session_id={asking.session_id} rules=api" in run.output
+    assert harness.leftovers() == {"containers": [], "volumes": []}
+
+
+@pytest.mark.parametrize("runtime", ["runc", "runsc"])
+def test_pip_downloads_from_a_private_index_with_a_placeholder(harness: Harness, service_ca: ServiceCa,
+                                                               runtime: str) -> None:
+    """pip in a sandbox, its index password the placeholder: the index sees the real one, the sandbox never.
+
+    Our image has no pip, so the tool fetches this machine's pip (its package, zipped) from the same
+    private index first, with curl and the placeholder as its Basic password, and runs it from the zip.
+    """
+    secret = "index-" + secrets.token_hex(16)
+    root = harness.tmp / "index"
+    build_index(root)
+    with zipfile.ZipFile(root / "pip.zip", "w") as archive:
+        package = Path(pip.__file__).parent
+        for path in package.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                archive.write(path, Path("pip") / path.relative_to(package))
+    secret_file = harness.tmp / "index-password"
+    secret_file.write_text(secret + "\n")
+    with serve_index(root, service_ca, secret) as index:
+        port = int(index.server_address[1])
+        direct = "env -u NO_PROXY -u no_proxy"
+        steps = [
+            _bash(f'cd /tmp && {direct} curl -sS -f -u "user:$PIP_PASSWORD" -o pip.zip '
+                  f"https://localhost:{port}/pip.zip && echo FETCHED", contains=["FETCHED"]),
+            _bash(f"cd /tmp && {direct} python3 pip.zip/pip download --no-deps --no-cache-dir "
+                  "--disable-pip-version-check --retries 0 --timeout 20 --proxy \"$HTTPS_PROXY\" "
+                  f'--index-url "https://user:$PIP_PASSWORD@localhost:{port}/simple/" -d out tinypkg '
+                  "&& ls out", contains=["tinypkg-1.0-py3-none-any.whl"]),
+        ]
+        session = harness.control_plane.add_session(ScriptedSession(steps=steps))
+        env = {
+            "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{port}"]',
+            "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "index", "host": "localhost", "port": {port}, '
+                                           f'"format": "basic", "secret_file": "{secret_file}", '
+                                           f'"placeholder_env": "PIP_PASSWORD"}}]',
+            "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
+        }
+        if runtime != "runc":
+            env["SANDBOXD_RUNTIME"] = runtime
+        run = harness.drain(env=env)
+        seen = list(index.seen)
+
+    assert run.returncode == 0, run.output[-5000:]
+    results = harness.control_plane.state_snapshot()["sessions"][session.session_id]["results"]
+    assert [r["passed"] for r in results] == [True] * len(steps), [r["text"] for r in results]
+    expected = "Basic " + base64.b64encode(f"user:{secret}".encode()).decode()
+    assert seen.count(expected) >= 3, seen  # pip.zip, the project page and the wheel
+    assert all(header == expected for header in seen if header), seen
+    assert secret not in run.output and "sandboxd-credential" not in str(seen)
     assert harness.leftovers() == {"containers": [], "volumes": []}
