@@ -12,6 +12,7 @@ import os
 import ssl
 import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -312,7 +313,13 @@ def channels_for(setup: Setup, socket_dir: Path) -> Channels:
 
 
 async def test_each_sandbox_gets_the_bundle_and_placeholders_of_its_own(setup: Setup) -> None:
-    socket_dir = make_socket_dir(setup.tmp)
+    # Unix socket paths are short (~108 bytes); pytest's tmp_path on a CI machine is not.
+    with tempfile.TemporaryDirectory(prefix="sbx-", dir="/tmp") as short:
+        socket_dir = make_socket_dir(Path(short))
+        await _each_sandbox_gets_its_own(setup, socket_dir)
+
+
+async def _each_sandbox_gets_its_own(setup: Setup, socket_dir: Path) -> None:
     channels = channels_for(setup, socket_dir)
     env = channels.sandbox_env()
     assert {env[name] for name in CA_VARIABLES} == {f"/run/sandboxd/{CA_BUNDLE}"}
