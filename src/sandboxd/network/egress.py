@@ -326,6 +326,11 @@ class EgressProxy:
         upstream = await self._open(client, verdict) if verdict is not None else None
         if upstream is None:
             return None
+        return await self._relay(client, request, exchange, upstream)
+
+    async def _relay(self, client: anyio.abc.ByteStream, request: ProxyRequest, exchange: Exchange,
+                     upstream: anyio.abc.ByteStream) -> bytes | None:
+        """Relay one request and its response: what the client sent next, or None to close."""
         async with upstream:
             try:
                 await exchange.relay(upstream)
@@ -421,20 +426,7 @@ class EgressProxy:
             return None
         session = door.grant.session_id if door is not None and door.grant is not None else "-"
         self.injection.record(rewritten, request.host, sandbox, session)
-        async with upstream:
-            try:
-                await exchange.relay(upstream)
-            except BadRequest as exc:
-                await self._refuse_request(client, exc, respond=not exchange.answered)
-                return None
-            except UpstreamFailed as exc:
-                log.warning("egress_upstream_failed host=%s port=%d error=%s", request.host, request.port, exc)
-                if not exchange.answered:
-                    await answer(client, 502, f"{request.host}:{request.port} sent no valid HTTP/1.x response")
-                return None
-            except ClientGone:
-                return None
-        return exchange.leftover
+        return await self._relay(client, request, exchange, upstream)
 
     async def _open_tls(self, client: anyio.abc.ByteStream, verdict: Verdict) -> anyio.abc.ByteStream | None:
         """A verified TLS connection to a checked address of an intercepted host; None when refused (answered)."""
