@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import http.server
+import json
 import re
 import secrets
 import threading
@@ -126,6 +127,18 @@ def _bash(command: str, **expect: Any) -> ToolStep:
     return ToolStep(name="bash", input={"command": command}, expect=Expect(**expect))
 
 
+def _daemon_env(rule: dict[str, Any], ca: ServiceCa, runtime: str, allowed: list[str] | None = None) -> dict[str, str]:
+    """The daemon's settings for one credential rule to a loopback service: its port allowed, its CA trusted."""
+    env = {
+        "SANDBOXD_EGRESS_ALLOWED_HOSTS": json.dumps(allowed or [f"{rule['host']}:{rule['port']}"]),
+        "SANDBOXD_EGRESS_CREDENTIALS": json.dumps([rule]),
+        "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(ca.cert_file),
+    }
+    if runtime != "runc":
+        env["SANDBOXD_RUNTIME"] = runtime
+    return env
+
+
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])
 def test_a_placeholder_reaches_the_service_as_the_real_token(harness: Harness, service_ca: ServiceCa,
                                                              service: TlsService, other: TlsService, plain: Any,
@@ -154,15 +167,10 @@ def test_a_placeholder_reaches_the_service_as_the_real_token(harness: Harness, s
               contains=["FILES True FOUND 0 []"]),
     ]
     session = harness.control_plane.add_session(ScriptedSession(steps=steps))
-    env = {
-        "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{port}", "127.0.0.1:{other_port}", "localhost:{plain_port}"]',
-        "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "api", "host": "localhost", "port": {port}, '
-                                       f'"secret_file": "{secret_file}", "placeholder_env": "API_TOKEN"}}]',
-        "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
-    }
-    if runtime != "runc":
-        env["SANDBOXD_RUNTIME"] = runtime
-    run = harness.drain(env=env)
+    rule = {"name": "api", "host": "localhost", "port": port, "secret_file": str(secret_file),
+            "placeholder_env": "API_TOKEN"}
+    allowed = [f"localhost:{port}", f"127.0.0.1:{other_port}", f"localhost:{plain_port}"]
+    run = harness.drain(env=_daemon_env(rule, service_ca, runtime, allowed))
 
     assert run.returncode == 0, run.output[-5000:]
     results = harness.control_plane.state_snapshot()["sessions"][session.session_id]["results"]
@@ -194,16 +202,9 @@ def test_git_clones_and_pushes_with_a_placeholder(harness: Harness, service_ca: 
                   contains=["PUSHED"]),
         ]
         session = harness.control_plane.add_session(ScriptedSession(steps=steps))
-        env = {
-            "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{server.port}"]',
-            "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "git", "host": "localhost", "port": {server.port}, '
-                                           f'"format": "basic", "secret_file": "{token_file}", '
-                                           f'"placeholder_env": "GIT_TOKEN"}}]',
-            "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
-        }
-        if runtime != "runc":
-            env["SANDBOXD_RUNTIME"] = runtime
-        run = harness.drain(env=env)
+        rule = {"name": "git", "host": "localhost", "port": server.port, "format": "basic",
+                "secret_file": str(token_file), "placeholder_env": "GIT_TOKEN"}
+        run = harness.drain(env=_daemon_env(rule, service_ca, runtime))
         requests = list(server.requests)
 
     assert run.returncode == 0, run.output[-5000:]
@@ -229,14 +230,9 @@ def test_an_opt_in_rule_applies_only_to_the_session_that_asks(harness: Harness, 
     # Not asked: a plain tunnel to the service (its own certificate, hence -k), the placeholder untouched.
     other = cp.add_session(ScriptedSession(steps=[
         _bash(f'{curl} -k -H "Authorization: Bearer $API_TOKEN" {url}/not-asked', contains=["status=200"])]))
-    env = {
-        "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{service.port}"]',
-        "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "api", "host": "localhost", "port": {service.port}, '
-                                       f'"secret_file": "{secret_file}", "placeholder_env": "API_TOKEN", '
-                                       f'"session_opt_in": true}}]',
-        "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
-    }
-    run = harness.drain(env=env)
+    rule = {"name": "api", "host": "localhost", "port": service.port, "secret_file": str(secret_file),
+            "placeholder_env": "API_TOKEN", "session_opt_in": True}
+    run = harness.drain(env=_daemon_env(rule, service_ca, "runc"))
 
     assert run.returncode == 0, run.output[-5000:]
     sessions = cp.state_snapshot()["sessions"]
@@ -279,16 +275,9 @@ def test_pip_downloads_from_a_private_index_with_a_placeholder(harness: Harness,
                   "&& ls out", contains=["tinypkg-1.0-py3-none-any.whl"]),
         ]
         session = harness.control_plane.add_session(ScriptedSession(steps=steps))
-        env = {
-            "SANDBOXD_EGRESS_ALLOWED_HOSTS": f'["localhost:{port}"]',
-            "SANDBOXD_EGRESS_CREDENTIALS": f'[{{"name": "index", "host": "localhost", "port": {port}, '
-                                           f'"format": "basic", "secret_file": "{secret_file}", '
-                                           f'"placeholder_env": "PIP_PASSWORD"}}]',
-            "SANDBOXD_EGRESS_UPSTREAM_CA_FILE": str(service_ca.cert_file),
-        }
-        if runtime != "runc":
-            env["SANDBOXD_RUNTIME"] = runtime
-        run = harness.drain(env=env)
+        rule = {"name": "index", "host": "localhost", "port": port, "format": "basic",
+                "secret_file": str(secret_file), "placeholder_env": "PIP_PASSWORD"}
+        run = harness.drain(env=_daemon_env(rule, service_ca, runtime))
         seen = list(index.seen)
 
     assert run.returncode == 0, run.output[-5000:]
