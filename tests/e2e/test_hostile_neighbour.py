@@ -382,8 +382,8 @@ class Neighbour:
 def _runtime_env(harness: Harness, runtime: str) -> dict[str, str]:
     if runtime == "runc":
         return {}
-    if runtime not in harness.docker.info().get("Runtimes", {}):
-        pytest.skip(f"the {runtime} runtime is not registered with the engine (WITH_TEST_TOOLS=1 scripts/bootstrap.sh)")
+    assert runtime in harness.docker.info().get("Runtimes", {}), (
+        f"the {runtime} runtime is not registered with the engine (WITH_TEST_TOOLS=1 scripts/bootstrap.sh)")
     return {"SANDBOXD_RUNTIME": runtime}
 
 
